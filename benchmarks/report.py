@@ -1,0 +1,50 @@
+"""Markdown table of ``results.jsonl`` (one JSON object per measured process), with the ratios that
+issue 9's targets are stated in.
+
+Usage: python benchmarks/report.py benchmarks/results/results.jsonl
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+ORDER = [("jax", m) for m in ("full", "lora", "lorapro_efficient", "lorapro_full", "dynrank",
+                              "lorapro_dynrank", "lora_r12", "lora_r12_gated")] + [
+    ("torch", m) for m in ("full", "peft_lora", "lorapro_efficient", "lorapro_full")]
+
+
+def fmt(value, spec):
+  return "—" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+  latest = {}
+  for row in rows:  # a later measurement of the same (scale, framework, mode) replaces the earlier
+    latest[(row["scale"], row["framework"], row["mode"])] = row
+  lines = []
+  for scale in ("1b", "base", "tiny"):
+    present = [(f, m) for f, m in ORDER if (scale, f, m) in latest]
+    if not present:
+      continue
+    first = latest[(scale,) + present[0]]
+    lines += [f"\n**{scale}** (batch {first['batch']} x {first['seq_len']}, device "
+              f"{first['device']}, MFU against {fmt(first['peak_flops_assumed'], '.3g')} FLOP/s)\n",
+              "| framework | mode | ms/step | tokens/s | model TFLOP/s | MFU | peak GiB | "
+              "x our LoRA step | x PEFT tokens/s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ours = latest.get((scale, "jax", "lora"))
+    peft = latest.get((scale, "torch", "peft_lora"))
+    for framework, mode in present:
+      r = latest[(scale, framework, mode)]
+      vs_ours = r["ms_per_step"] / ours["ms_per_step"] if ours else None
+      vs_peft = r["tokens_per_s"] / peft["tokens_per_s"] if peft else None
+      lines.append(
+          f"| {framework} | {mode} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
+          f"{r['model_tflops']:.1f} | {fmt(r['mfu'], '.1%')} | {fmt(r['peak_gib'], '.2f')} | "
+          f"{fmt(vs_ours, '.3f')} | {fmt(vs_peft, '.2f')} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  with open(sys.argv[1]) as f:
+    print(table([json.loads(line) for line in f if line.strip()]))

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# All benchmarks of issue 9 (and issue 4's optimizer-update microbenchmark), one process per
+# measurement so that each peak-memory number is clean.
+#
+#   benchmarks/run_all.sh [section ...]      sections: env jax torch micro (default: all four)
+#
+# Environment: OUT (results folder, default benchmarks/results/local), SCALES ("1b base"; "tiny" on
+# a CPU), JAX_MODES, TORCH_MODES, STEPS (timed steps, default 10), PY (python, default python3).
+# On the device machine the PyTorch side needs transformers 4.57 / peft / lora-pro-adamw carried as
+# wheels in .whl/ (see benchmarks/README.md); they are installed to /tmp/site when .whl/ exists.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/local}
+SCALES=${SCALES:-"1b base"}
+JAX_MODES=${JAX_MODES:-"full lora lorapro_efficient lorapro_full dynrank lorapro_dynrank lora_r12 lora_r12_gated"}
+TORCH_MODES=${TORCH_MODES:-"peft_lora full lorapro_efficient lorapro_full"}
+STEPS=${STEPS:-10}
+PY=${PY:-python3}
+SECTIONS=${*:-"env jax torch micro"}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .whl ] && [ ! -d /tmp/site ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+[ -d /tmp/site ] && TORCH_PATH="/tmp/site:$PYTHONPATH" || TORCH_PATH="$PYTHONPATH"
+
+for section in $SECTIONS; do
+  case $section in
+    env)
+      { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+        $PY -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, jax.devices())'
+        PYTHONPATH=$TORCH_PATH $PY -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'
+        [ "$SCALES" != tiny ] && $PY benchmarks/check_attention.py
+      } 2>&1 | tee -a "$OUT/env.log" ;;
+    jax)
+      for scale in $SCALES; do for mode in $JAX_MODES; do
+        echo "== jax $scale $mode" | tee -a "$OUT/jax.log"
+        extra=""; [ "$mode" != full ] && extra="--breakdown"
+        timeout 400 $PY benchmarks/jax_step.py --scale "$scale" --mode "$mode" --steps "$STEPS" \
+          --out "$OUT" $extra >> "$OUT/jax.log" 2>&1 || echo "FAILED jax $scale $mode (rc $?)" | tee -a "$OUT/jax.log"
+      done; done ;;
+    torch)
+      for scale in $SCALES; do for mode in $TORCH_MODES; do
+        echo "== torch $scale $mode" | tee -a "$OUT/torch.log"
+        PYTHONPATH=$TORCH_PATH timeout 400 $PY benchmarks/torch_peers.py --scale "$scale" --mode "$mode" \
+          --steps "$STEPS" --out "$OUT" >> "$OUT/torch.log" 2>&1 || echo "FAILED torch $scale $mode (rc $?)" | tee -a "$OUT/torch.log"
+        tail -n 1 "$OUT/results.jsonl" 2>/dev/null | cut -c1-160
+      done; done ;;
+    micro)
+      tiny=""; [ "$SCALES" = tiny ] && tiny="--tiny"
+      timeout 400 $PY benchmarks/lora_pro_update.py $tiny --out "$OUT" 2>&1 | tee "$OUT/micro.log" | tail -n 12 ;;
+    *) echo "unknown section $section (expected env jax torch micro)"; exit 2 ;;
+  esac
+done
+[ -f "$OUT/results.jsonl" ] && $PY benchmarks/report.py "$OUT/results.jsonl" | tee "$OUT/table.md"
+exit 0

@@ -1,0 +1,370 @@
+"""A small, readable train/eval loop for adapters: frozen base, trainable tree, optax, jit.
+
+The state is one pytree, :class:`TrainState` = (step, frozen ``base``, ``trainable`` adapters and
+modules_to_save, ``opt_state``, ``rng``). A train step differentiates the loss with respect to
+``trainable`` only — ``params = combine(base, trainable)`` inside the differentiated function,
+so the frozen base gets no gradient, no optimizer state and no update — and applies any optax
+transformation (:func:`make_optimizer` builds the papers' chains: clip → LoRA-Pro / AdamW →
+dynamic rank).
+
+* Gradient accumulation: a batch of ``k·m`` rows is cut into ``k`` micro-batches of ``m`` rows,
+  scanned, and the mean of their gradients is applied once — the same update as one step on the
+  whole batch when the loss is a mean over rows (tested), at the memory of ``m`` rows.
+* Mixed precision: floating leaves of both trees are cast to ``compute_dtype`` (bf16) inside the
+  differentiated function; the trainable tree and the optimizer state stay float32, the casts'
+  transposes bring the gradients back to float32. Store the frozen base in bf16 with
+  ``TrainState.create(..., base_dtype=jnp.bfloat16)`` to halve its memory.
+* :func:`fit` runs the loop: tqdm bar (loss, lr, examples/s), TensorBoard scalars (tensorboardX,
+  no TensorFlow needed), periodic evaluation, best-checkpoint selection on one dev metric, and a
+  final JSON results file.
+
+Example::
+
+  model = inject(FlaxBertModel(...).module, LoRAConfig(rank=8))
+  base, trainable = split(params, config)
+  optimizer = make_optimizer("lora_pro", make_schedule("cosine", 1e-4, 1000, warmup_ratio=0.03),
+                             scale=config.scales(trainable))
+  state = TrainState.create(base, trainable, optimizer, jax.random.key(0))
+  train_step = make_train_step(loss_fn, optimizer, accum_steps=2, compute_dtype=jnp.bfloat16)
+  state, metrics = train_step(state, batch)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lorapro_jax.metrics import compute_metrics
+
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Any]]
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+  """``tree`` with every floating-point leaf cast to ``dtype`` (integers, keys untouched)."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
+
+
+def combine_params(base: Any, trainable: Any) -> Any:
+  """The full parameter tree: ``trainable`` alone when there is no frozen base (full fine-tuning),
+  otherwise the Foundation's :func:`lorapro_jax.inject.combine`."""
+  if base is None:
+    return trainable
+  from lorapro_jax.inject import combine  # the Foundation's one merge of the two trees
+  return combine(base, trainable)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a pytree, so it jits, shards and checkpoints as one."""
+
+  step: jax.Array
+  base: Any
+  trainable: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @classmethod
+  def create(cls, base: Any, trainable: Any, optimizer: optax.GradientTransformation,
+             rng: jax.Array, *, base_dtype: Any = None) -> TrainState:
+    """A step-0 state; ``base=None`` for full fine-tuning (everything trainable)."""
+    if not jax.tree.leaves(trainable):
+      raise ValueError("the trainable tree has no leaves: nothing to train (check the LoRA "
+                       "targets / modules_to_save)")
+    return cls(step=jnp.zeros((), jnp.int32), base=cast_floating(base, base_dtype),
+               trainable=trainable, opt_state=optimizer.init(trainable), rng=rng)
+
+
+METHODS = ("full", "lora", "rslora", "lora_pro", "lora_pro_full", "dynamic_rank",
+           "lora_pro_dynamic_rank", "lora_pro_full_dynamic_rank")
+
+
+def make_optimizer(method: str, learning_rate: float | optax.Schedule, *, scale: Any = None,
+                   weight_decay: float = 0.0, clip_norm: float | None = 1.0,
+                   total_steps: int | None = None, target_rank: int | None = None,
+                   b1: float = 0.9, b2: float = 0.999,
+                   dynamic_rank_options: Mapping[str, Any] | None = None
+                   ) -> optax.GradientTransformation:
+  """The optimizer chain of a fine-tuning method: ``[clip] → AdamW / LoRA-Pro → [dynamic rank]``.
+
+  * ``full``, ``lora``, ``rslora``: AdamW (the methods differ in what is trainable and in the
+    LoRA scale, not in the optimizer).
+  * ``lora_pro`` (efficient mode) / ``lora_pro_full`` (the paper's full-rank AdamW):
+    :func:`lorapro_jax.lora_pro.lora_pro` with the adapters' ``scale``.
+  * ``*dynamic_rank``: the same, followed by :func:`lorapro_jax.dynamic_rank.dynamic_rank`
+    pruning toward ``target_rank`` over ``total_steps`` (it must come last: it masks the final
+    updates and params).
+
+  Clipping by global norm comes first, on the raw gradients (the reference code of LoRA-Pro clips
+  after Adam with the raw norm; we do not copy that).
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  chain = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
+  if method.startswith("lora_pro"):
+    if scale is None:
+      raise ValueError(f"method {method!r} needs the LoRA scale (LoRAConfig.scales(trainable))")
+    from lorapro_jax.lora_pro import lora_pro
+    mode = "full" if method.startswith("lora_pro_full") else "efficient"
+    chain.append(lora_pro(learning_rate, scale, mode=mode, b1=b1, b2=b2,
+                          weight_decay=weight_decay))
+  else:
+    chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+  if method.endswith("dynamic_rank"):
+    if total_steps is None or target_rank is None:
+      raise ValueError(f"method {method!r} needs total_steps and target_rank")
+    from lorapro_jax.dynamic_rank import dynamic_rank
+    chain.append(dynamic_rank(total_steps, target_rank, **(dynamic_rank_options or {})))
+  elif dynamic_rank_options:
+    raise ValueError(f"dynamic_rank_options given for method {method!r}, which does not prune")
+  return optax.chain(*chain)
+
+
+def _split_micro(batch: Mapping[str, Any], accum_steps: int) -> dict[str, jax.Array]:
+  def reshape(x):
+    if x.shape[0] % accum_steps:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {accum_steps} "
+                       "equal micro-batches")
+    return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+  return {k: reshape(v) for k, v in batch.items()}
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    accum_steps: int = 1, compute_dtype: Any = None,
+                    regularizer: Callable[[Any, jax.Array], jax.Array] | None = None,
+                    jit: bool = True, donate: bool = True, state_sharding: Any = None,
+                    batch_sharding: Any = None) -> Callable[..., tuple[TrainState, dict]]:
+  """``step(state, batch) -> (state, {"loss", "grad_norm"})``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, rng) -> (mean loss, aux)``, params the combined tree.
+    optimizer: the optax transformation whose state ``state.opt_state`` holds.
+    accum_steps: micro-batches per update (the batch's leading axis must divide by it).
+    compute_dtype: dtype of the forward/backward pass (None: the parameters' own).
+    regularizer: ``regularizer(trainable, step) -> scalar`` added to the loss (e.g. the DEM
+      penalty of dynamic rank), differentiated with it, computed in float32.
+    state_sharding, batch_sharding: from :mod:`lorapro_jax.sharding`; the jitted step keeps the
+      state in its sharding (None: whatever the inputs have).
+  """
+  if accum_steps < 1:
+    raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+
+  def objective(trainable, base, batch, rng, step):
+    params = combine_params(cast_floating(base, compute_dtype),
+                            cast_floating(trainable, compute_dtype))
+    loss, _ = loss_fn(params, batch, rng)
+    loss = loss.astype(jnp.float32)
+    if regularizer is not None:
+      return loss + regularizer(trainable, step), loss
+    return loss, loss
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
+    rng, step_rng = jax.random.split(state.rng)
+    if accum_steps == 1:
+      (_, loss), grads = grad_fn(state.trainable, state.base, batch, step_rng, state.step)
+    else:
+      def accumulate(carry, micro):
+        index, micro_batch = micro
+        (_, micro_loss), micro_grads = grad_fn(state.trainable, state.base, micro_batch,
+                                               jax.random.fold_in(step_rng, index), state.step)
+        return jax.tree.map(jnp.add, carry, (micro_loss, micro_grads)), None
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.trainable))
+      (loss, grads), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(accum_steps), _split_micro(batch, accum_steps)))
+      loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                              rng=rng)
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+  if not jit:
+    return train_step
+  shardings = {}
+  if (state_sharding is None) != (batch_sharding is None):
+    raise ValueError("give both state_sharding and batch_sharding, or neither")
+  if state_sharding is not None:
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    shardings = {"in_shardings": (state_sharding, batch_sharding),
+                 "out_shardings": (state_sharding, replicated)}
+  return jax.jit(train_step, donate_argnums=(0,) if donate else (), **shardings)
+
+
+def make_eval_step(predict_fn: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]],
+                   *, compute_dtype: Any = None, jit: bool = True) -> Callable[..., dict]:
+  """``eval_step(state, batch) -> predict_fn(params, batch)`` (a dict of per-row outputs)."""
+
+  def eval_step(state: TrainState, batch: Mapping[str, Any]) -> dict:
+    params = combine_params(cast_floating(state.base, compute_dtype),
+                            cast_floating(state.trainable, compute_dtype))
+    return dict(predict_fn(params, batch))
+
+  return jax.jit(eval_step) if jit else eval_step
+
+
+def evaluate(eval_step: Callable[..., dict], state: TrainState,
+             batches: Iterable[Mapping[str, np.ndarray]], metric_names: Sequence[str], *,
+             prediction_key: str = "predictions", label_key: str = "labels") -> dict[str, float]:
+  """Runs ``eval_step`` over all batches and scores the unpadded rows (``mask`` == 1).
+
+  Per-row ``loss`` outputs, when ``eval_step`` returns them, are averaged into ``"loss"``.
+  """
+  predictions, labels, masks, losses = [], [], [], []
+  for batch in batches:
+    outputs = jax.device_get(eval_step(state, batch))
+    if prediction_key not in outputs:
+      raise KeyError(f"eval step returned {sorted(outputs)}, expected a {prediction_key!r} entry")
+    predictions.append(np.asarray(outputs[prediction_key]))
+    labels.append(np.asarray(batch[label_key]))
+    masks.append(np.asarray(batch.get("mask", np.ones(len(batch[label_key])))))
+    if "loss" in outputs:
+      losses.append(np.asarray(outputs["loss"], np.float64))
+  if not predictions:
+    raise ValueError("evaluation got no batches")
+  mask = np.concatenate(masks)
+  results = compute_metrics(metric_names, np.concatenate(predictions), np.concatenate(labels), mask)
+  if losses:
+    results["loss"] = float(np.sum(np.concatenate(losses) * mask) / np.sum(mask))
+  return results
+
+
+class _NullWriter:
+  def add_scalar(self, *args, **kwargs): pass
+  def close(self): pass
+
+
+def _summary_writer(log_dir: str | None):
+  if log_dir is None:
+    return _NullWriter()
+  from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+  return SummaryWriter(log_dir)
+
+
+def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
+        train_batches: Iterable[Mapping[str, np.ndarray]], num_steps: int, *,
+        evaluate_fn: Callable[[TrainState], dict[str, float]] | None = None,
+        eval_every: int = 0, best_metric: str | None = None, higher_is_better: bool = True,
+        schedule: optax.Schedule | None = None, log_every: int = 10,
+        log_dir: str | None = None, on_best: Callable[[TrainState, dict], None] | None = None,
+        on_step: Callable[[TrainState, dict], None] | None = None,
+        results_path: str | None = None, progress: bool = True,
+        extra_results: Mapping[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
+  """Trains until ``state.step == num_steps``; returns (final state, results).
+
+  Evaluates every ``eval_every`` steps and at the end; whenever ``best_metric`` improves,
+  ``on_best(state, metrics)`` is called (save a checkpoint there) and the host copy of the best
+  trainable tree is kept in ``results["best_trainable"]`` (not written to JSON). ``on_step`` is
+  called after each step (save periodic checkpoints there, with the data iterator's position).
+  The results — history of (step, loss, lr), evaluations, best, final, wall time, ms per step —
+  go to ``results_path`` as JSON.
+  """
+  from tqdm.auto import tqdm
+  writer = _summary_writer(log_dir)
+  start_step = int(state.step)
+  if start_step > num_steps:
+    raise ValueError(f"state is at step {start_step}, past num_steps={num_steps}")
+  history: list[dict[str, float]] = []
+  evaluations: list[dict[str, float]] = []
+  best: dict[str, Any] | None = None
+  best_trainable = None
+  iterator = iter(train_batches)
+  bar = tqdm(total=num_steps, initial=start_step, disable=not progress, dynamic_ncols=True)
+  step_times: list[float] = []
+  examples = 0
+  last_time = time.perf_counter()
+  pending: list[tuple[int, dict]] = []
+
+  def flush():
+    nonlocal last_time, examples
+    now = time.perf_counter()
+    for step, metrics in jax.device_get(pending):
+      lr = float(schedule(step - 1)) if schedule is not None else float("nan")
+      record = {"step": step, "loss": float(metrics["loss"]),
+                "grad_norm": float(metrics["grad_norm"]), "lr": lr}
+      history.append(record)
+      for name in ("loss", "grad_norm", "lr"):
+        writer.add_scalar(f"train/{name}", record[name], step)
+    if pending:
+      throughput = examples / max(now - last_time, 1e-9)
+      writer.add_scalar("train/examples_per_second", throughput, pending[-1][0])
+      bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", lr=f"{history[-1]['lr']:.2e}",
+                      ex_per_s=f"{throughput:.1f}")
+    pending.clear()
+    examples, last_time = 0, now
+
+  def run_eval(step: int):
+    nonlocal best, best_trainable, last_time
+    flush()
+    metrics = dict(evaluate_fn(state))
+    metrics["step"] = step
+    evaluations.append(metrics)
+    for name, value in metrics.items():
+      if name != "step":
+        writer.add_scalar(f"eval/{name}", value, step)
+    if best_metric is not None:
+      if best_metric not in metrics:
+        raise KeyError(f"best_metric {best_metric!r} not among evaluation results {sorted(metrics)}")
+      value = metrics[best_metric]
+      if best is None or (value > best[best_metric] if higher_is_better else value < best[best_metric]):
+        best = dict(metrics)
+        best_trainable = jax.device_get(state.trainable)
+        if on_best is not None:
+          on_best(state, metrics)
+    last_time = time.perf_counter()  # evaluation time is not training throughput
+
+  wall_start = time.perf_counter()
+  for step in range(start_step + 1, num_steps + 1):
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      raise ValueError(f"train batches ran out at step {step} of {num_steps}") from None
+    tick = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics["loss"])  # honest per-step timing
+    step_times.append(time.perf_counter() - tick)
+    if on_step is not None:
+      on_step(state, metrics)
+    pending.append((step, metrics))
+    examples += len(next(iter(batch.values())))
+    bar.update(1)
+    if step % log_every == 0 or step == num_steps:
+      flush()
+    if evaluate_fn is not None and eval_every and step % eval_every == 0 and step != num_steps:
+      run_eval(step)
+  flush()
+  if evaluate_fn is not None:
+    run_eval(num_steps)
+  bar.close()
+  writer.close()
+  # the first steps include compilation: time the rest
+  steady = step_times[min(len(step_times) - 1, 2):] if step_times else []
+  results: dict[str, Any] = {
+      "steps": num_steps, "history": history, "evaluations": evaluations,
+      "final": evaluations[-1] if evaluations else None, "best": best,
+      "wall_seconds": time.perf_counter() - wall_start,
+      "ms_per_step": 1000.0 * float(np.median(steady)) if steady else float("nan"),
+      **(extra_results or {}),
+  }
+  if results_path is not None:
+    write_json(results_path, results)
+  results["best_trainable"] = best_trainable
+  return state, results
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
+  """Writes ``payload`` as indented JSON (numpy scalars converted), creating the folder."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as handle:
+    json.dump(payload, handle, indent=2, default=lambda x: np.asarray(x).tolist())

@@ -1,0 +1,120 @@
+"""A tiny LoRA training run that checkpoints every few steps and resumes from the newest
+committed step: the subprocess that ``tests/test_checkpoint.py`` kills with SIGKILL.
+
+Model: two frozen kernels with LoRA pairs (one gated with ``lora_c``), a squared loss on a
+deterministic stream of batches (batch t is drawn from ``default_rng(t)``), input dropout drawn
+from the state's rng key, so that the step, the key, the data position and every moment must come
+back exactly. Optimizer: LoRA-Pro in full mode (``lorapro_jax.lora_pro``), followed by dynamic rank
+when ``lorapro_jax.dynamic_rank`` is present. Train step: ``lorapro_jax.train.make_train_step``
+(jit, donated state).
+
+Prints one line per event (``step t``, ``save t``, ``done``) so the parent can kill it at chosen
+points. ``--kill-after-save t`` makes the process SIGKILL itself right after the asynchronous save
+of step t was started, i.e. while Orbax is still writing it. At the end the final state is written
+to ``--out`` (safetensors, keys = leaf paths).
+"""
+import argparse
+import os
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lorapro_jax.checkpoint import TrainCheckpointer, named_leaves
+from lorapro_jax.train import TrainState, make_train_step
+
+N_IN, HIDDEN, N_OUT, RANK, BATCH = 12, 10, 6, 4, 8
+CONFIG = {"rank": RANK, "alpha": 8.0, "note": "resume driver"}
+SCALE = CONFIG["alpha"] / RANK
+
+
+def frozen_base():
+  rng = np.random.default_rng(1234)
+  return {"w1": jnp.asarray(rng.normal(size=(N_IN, HIDDEN)) / np.sqrt(N_IN), jnp.float32),
+          "w2": jnp.asarray(rng.normal(size=(HIDDEN, N_OUT)) / np.sqrt(HIDDEN), jnp.float32)}
+
+
+def initial_adapters():
+  rng = np.random.default_rng(99)
+  def normal(*shape):
+    return jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32)
+  return {"w1": {"lora_a": normal(N_IN, RANK), "lora_b": normal(RANK, HIDDEN)},
+          "w2": {"lora_a": normal(HIDDEN, RANK), "lora_b": normal(RANK, N_OUT),
+                 "lora_c": normal(RANK)}}
+
+
+def batch_at(index):
+  rng = np.random.default_rng(index)
+  x = rng.normal(size=(BATCH, N_IN)).astype(np.float32)
+  return {"x": x, "y": np.tanh(x[:, :N_OUT] * 2.0 + 0.5).astype(np.float32)}
+
+
+def delta(node):
+  a = node["lora_a"] * node["lora_c"] if "lora_c" in node else node["lora_a"]
+  return SCALE * a @ node["lora_b"]
+
+
+def make_loss(base):
+  def loss_fn(trainable, batch, rng):
+    keep = jax.random.bernoulli(rng, 0.9, batch["x"].shape)
+    x = jnp.where(keep, batch["x"] / 0.9, 0.0)
+    h = jnp.tanh(x @ (base["w1"] + delta(trainable["w1"])))
+    prediction = h @ (base["w2"] + delta(trainable["w2"]))
+    return jnp.mean((prediction - batch["y"]) ** 2), None
+  return loss_fn
+
+
+def make_optimizer(total_steps):
+  from lorapro_jax.lora_pro import lora_pro
+  optimizer = lora_pro(optax.cosine_decay_schedule(3e-2, total_steps), scale=SCALE, mode="full",
+                       weight_decay=0.01)
+  try:
+    from lorapro_jax.dynamic_rank import dynamic_rank
+  except ImportError:
+    return optimizer
+  return optax.chain(optimizer, dynamic_rank(total_steps, target_rank=RANK // 2, interval=2))
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--dir", required=True)
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--steps", type=int, default=24)
+  parser.add_argument("--save-every", type=int, default=3)
+  parser.add_argument("--kill-after-save", type=int, default=-1)
+  args = parser.parse_args()
+
+  optimizer = make_optimizer(args.steps)
+  train_step = make_train_step(make_loss(frozen_base()), optimizer, donate=True)
+  state = TrainState.create(None, initial_adapters(), optimizer, jax.random.key(7))
+  position = 0
+  checkpoints = TrainCheckpointer(args.dir, CONFIG, keep=2, async_save=True,
+                                  save_interval_steps=args.save_every)
+  if checkpoints.latest_step() is not None:
+    restored = checkpoints.restore(state)
+    state, position = restored.state, restored.data_position["next_batch"]
+    print(f"resumed {restored.step}", flush=True)
+  while int(state.step) < args.steps:
+    state, _ = train_step(state, batch_at(position))
+    position += 1
+    step = int(state.step)
+    print(f"step {step}", flush=True)
+    if checkpoints.save(state, data_position={"next_batch": position}):
+      print(f"save {step}", flush=True)
+      if step == args.kill_after_save:
+        os.kill(os.getpid(), signal.SIGKILL)
+  checkpoints.close()
+
+  from safetensors.numpy import save_file
+  final = {"/".join(path): np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(
+      leaf.dtype, jax.dtypes.prng_key) else leaf) for path, leaf in named_leaves(state)}
+  save_file(final, args.out)
+  print("done", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,188 @@
+"""Train loop: metrics against closed forms / scipy, schedules, accumulation == big batch, mixed
+precision keeps float32 state, the frozen base gets no update, fit() logs, selects and writes."""
+import json
+import math
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+from hypothesis import given, settings, strategies as st
+
+from lorapro_jax import metrics
+from lorapro_jax.data.batching import BatchIterator, eval_batches
+from lorapro_jax.schedules import make_schedule
+from lorapro_jax.train import (TrainState, cast_floating, evaluate, fit, make_eval_step,
+                               make_train_step)
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1)), min_size=2, max_size=40))
+def test_binary_metrics_match_closed_forms(pairs):
+  pred, label = np.array(pairs).T
+  tp = np.sum((pred == 1) & (label == 1)); tn = np.sum((pred == 0) & (label == 0))
+  fp = np.sum((pred == 1) & (label == 0)); fn = np.sum((pred == 0) & (label == 1))
+  assert metrics.accuracy(pred, label) == pytest.approx((tp + tn) / len(pred))
+  f1 = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0
+  assert metrics.f1_binary(pred, label) == pytest.approx(f1)
+  denominator = math.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+  mcc = (tp * tn - fp * fn) / denominator if denominator else 0.0
+  assert metrics.matthews_corrcoef(pred, label) == pytest.approx(mcc, abs=1e-12)
+
+
+def test_multiclass_mcc_and_macro_f1_by_hand():
+  pred, label = np.array([0, 1, 2, 2, 1, 0]), np.array([0, 1, 2, 1, 1, 2])
+  # confusion (true rows): [[1,0,0],[0,2,1],[1,0,1]]; t=(1,3,2) p=(2,2,2), c=4, s=6
+  expected = (4 * 6 - (2 * 1 + 2 * 3 + 2 * 2)) / math.sqrt((36 - 12) * (36 - 14))
+  assert metrics.matthews_corrcoef(pred, label) == pytest.approx(expected)
+  f1s = [2 * 1 / (2 + 1 + 0), 2 * 2 / (4 + 0 + 1), 2 * 1 / (2 + 1 + 1)]
+  assert metrics.f1_macro(pred, label) == pytest.approx(np.mean(f1s))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.integers(3, 30))
+def test_correlations_match_scipy(seed, n):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(0, 5, n).astype(np.float64)  # ties on purpose
+  y = x + rng.normal(size=n)
+  if np.ptp(x) == 0:
+    x[0] += 1
+  assert metrics.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-10)
+  assert metrics.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y)[0], abs=1e-10)
+  np.testing.assert_allclose(metrics.average_ranks(x), scipy.stats.rankdata(x))
+
+
+def test_mask_drops_padding_rows_and_exact_match_normalises():
+  assert metrics.accuracy([1, 0, 0], [1, 0, 1], mask=[1, 1, 0]) == 1.0
+  assert metrics.exact_match(["The answer is 1,000.", " 42"], ["the answer is 1000", "41"]) == 0.5
+  with pytest.raises(ValueError, match="unknown metric"):
+    metrics.compute_metrics(["bleu"], [1], [1])
+  with pytest.raises(ValueError, match="same length"):
+    metrics.accuracy([1, 0], [1])
+
+
+# -------------------------------------------------------------------------------------- schedules
+
+
+def test_cosine_and_linear_schedules_match_closed_forms():
+  peak, total, warm = 1e-3, 100, 10
+  cosine = make_schedule("cosine", peak, total, warmup_ratio=0.1)
+  linear = make_schedule("linear", peak, total, warmup_steps=warm, end=1e-4)
+  for t in [0, 5, 10, 37, 99, 100]:
+    if t < warm:
+      want_cos = want_lin = peak * t / warm
+    else:
+      u = (t - warm) / (total - warm)
+      want_cos = peak * 0.5 * (1 + math.cos(math.pi * u))
+      want_lin = peak + (1e-4 - peak) * u
+    assert float(cosine(t)) == pytest.approx(want_cos, rel=1e-5, abs=1e-9)
+    assert float(linear(t)) == pytest.approx(want_lin, rel=1e-5, abs=1e-9)
+  with pytest.raises(ValueError, match="unknown schedule 'step'"):
+    make_schedule("step", peak, total)
+  with pytest.raises(ValueError, match="warm-up of 100 steps"):
+    make_schedule("cosine", peak, total, warmup_steps=100)
+
+
+# ----------------------------------------------------------------------------------------- steps
+
+
+def _linear_loss(params, batch, rng):
+  del rng
+  logits = batch["x"] @ params["w"] + params["b"]
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=1)[:, 0]
+  return jnp.mean(nll), logits
+
+
+def _problem(n=64, d=6, k=3, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  w_true = rng.normal(size=(d, k))
+  return {"x": x, "labels": np.argmax(x @ w_true, 1).astype(np.int32)}, {
+      "w": jnp.asarray(rng.normal(size=(d, k)) * 0.1, jnp.float32), "b": jnp.zeros(k, jnp.float32)}
+
+
+class AccumulationTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_accumulated_update_equals_big_batch_update(self):
+    data, params = _problem()
+    batch = {k: v[:16] for k, v in data.items()}
+    optimizer = optax.adamw(1e-2, weight_decay=0.01)
+    results = []
+    for accum in (1, 4):
+      state = TrainState.create(None, params, optimizer, jax.random.key(0))
+      step = self.variant(make_train_step(_linear_loss, optimizer, accum_steps=accum, jit=False))
+      for _ in range(3):
+        state, out = step(state, batch)
+      results.append((state.trainable, out["loss"]))
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_rejects_uneven_micro_batches():
+  data, params = _problem()
+  optimizer = optax.sgd(0.1)
+  step = make_train_step(_linear_loss, optimizer, accum_steps=3)
+  state = TrainState.create(None, params, optimizer, jax.random.key(0))
+  with pytest.raises(ValueError, match="3 equal micro-batches"):
+    step(state, {k: v[:16] for k, v in data.items()})
+
+
+def test_mixed_precision_keeps_float32_state_and_tracks_float32_run():
+  data, params = _problem()
+  batch = {k: v[:32] for k, v in data.items()}
+  optimizer = optax.adam(1e-2)
+  losses = {}
+  for dtype in (None, jnp.bfloat16):
+    state = TrainState.create(None, params, optimizer, jax.random.key(0))
+    step = make_train_step(_linear_loss, optimizer, compute_dtype=dtype, donate=False)
+    for _ in range(5):
+      state, out = step(state, batch)
+    losses[dtype] = float(out["loss"])
+    for leaf in jax.tree.leaves((state.trainable, state.opt_state)):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        assert leaf.dtype == jnp.float32
+  assert losses[jnp.bfloat16] == pytest.approx(losses[None], rel=2e-2)
+  assert cast_floating({"a": jnp.ones(2), "i": jnp.ones(2, jnp.int32)},
+                       jnp.bfloat16)["i"].dtype == jnp.int32
+
+
+def test_fit_logs_selects_best_and_writes_results(tmp_path):
+  data, params = _problem(n=96)
+  train = {k: v[:64] for k, v in data.items()}
+  dev = {k: v[64:] for k, v in data.items()}
+  schedule = make_schedule("cosine", 0.5, 20, warmup_ratio=0.1)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(schedule))
+  state = TrainState.create(None, params, optimizer, jax.random.key(0))
+  train_step = make_train_step(_linear_loss, optimizer)
+
+  def predict(p, batch):
+    logits = batch["x"] @ p["w"] + p["b"]
+    return {"predictions": jnp.argmax(logits, -1)}
+
+  eval_step = make_eval_step(predict)
+  evaluate_fn = lambda s: evaluate(eval_step, s, eval_batches(dev, 10), ["accuracy", "mcc"])
+  saved = []
+  state, results = fit(state, train_step, BatchIterator(train, 16, seed=0), 20,
+                       evaluate_fn=evaluate_fn, eval_every=5, best_metric="accuracy",
+                       schedule=schedule, log_every=5, log_dir=str(tmp_path / "tb"),
+                       on_best=lambda s, m: saved.append(m["step"]),
+                       results_path=str(tmp_path / "results.json"), progress=False)
+  assert int(state.step) == 20
+  written = json.load(open(tmp_path / "results.json"))
+  assert [e["step"] for e in written["evaluations"]] == [5, 10, 15, 20]
+  best = max(written["evaluations"], key=lambda e: e["accuracy"])
+  assert written["best"]["accuracy"] == best["accuracy"] and saved[-1] == best["step"]
+  assert [h["step"] for h in written["history"]] == list(range(1, 21))
+  assert written["history"][4]["lr"] == pytest.approx(float(schedule(4)))
+  assert written["history"][-1]["loss"] < written["history"][0]["loss"]
+  # the best trainable tree kept in memory scores the best accuracy again
+  best_state = state.replace(trainable=jax.tree.map(jnp.asarray, results["best_trainable"]))
+  assert evaluate_fn(best_state)["accuracy"] == best["accuracy"]
+  assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
