@@ -63,10 +63,11 @@ def next_token_loss(model):
 
 def perturb_lora_b(trainable, key):
   """B = 0 at init is a degenerate point for LoRA-Pro's Grams; time on generic factors."""
-  from lorapro_jax.adapters import map_adapters
+  from lorapro_jax.adapters import adapter_paths, map_adapters
+  index = {path: i for i, path in enumerate(adapter_paths(trainable))}
 
   def node(path, n):
-    k = jax.random.fold_in(key, hash(path) % (2**31))
+    k = jax.random.fold_in(key, index[path])
     return {**n, "lora_b": 1e-3 * jax.random.normal(k, n["lora_b"].shape, n["lora_b"].dtype)}
   return map_adapters(node, trainable)
 
@@ -116,6 +117,17 @@ def build(scale: str, mode: str, remat: str, base_dtype):
   return lora_model, base, trainable, optimizer, config
 
 
+def regularizer_for(mode: str):
+  """The DEM penalty of dynamic rank (weight 0.1 as in the reference), active while pruning."""
+  if mode not in ("dynrank", "lorapro_dynrank"):
+    return None
+  from lorapro_jax.dynamic_rank import dem_active, dem_penalty
+
+  def regularizer(trainable, step):
+    return 0.1 * dem_penalty(trainable) * dem_active(step, DYNRANK_TOTAL_STEPS)
+  return regularizer
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--scale", default="1b", choices=sorted(common.SCALES))
@@ -136,7 +148,7 @@ def main(argv=None):
   data = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
   loss_fn = next_token_loss(model)
   state = TrainState.create(base, trainable, optimizer, jax.random.key(3))
-  train_step = make_train_step(loss_fn, optimizer)
+  train_step = make_train_step(loss_fn, optimizer, regularizer=regularizer_for(args.mode))
 
   losses = []
   warmup = args.warmup

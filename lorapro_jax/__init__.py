@@ -5,3 +5,8 @@ The public API is re-exported here; each module holds one idea (see README.md's 
 from lorapro_jax.adapters import AdapterKeys, adapter_paths, is_adapter, map_adapters
 
 __version__ = "0.1.0"
+from lorapro_jax.lora_pro import LoRAProFullState, equivalent_gradient, lora_pro, lora_pro_adjust, lora_pro_full_direction, lora_pro_project
+from lorapro_jax.dynamic_rank import DynamicRankConfig, DynamicRankState, dem_active, dem_penalty, dynamic_rank, dynamic_rank_init, dynamic_rank_step, initial_rank, last_event_step, norm_ratio_scores, plot_rank_heatmap, pruning_schedule, rank_pattern, sensitivity_scores, shrink
+from lorapro_jax.lora import LoRAConfig, LoRADense, LoRADenseGeneral, LoRAEinsum
+from lorapro_jax.inject import (combine, count_params, init_adapters, inject, linear_layer_paths,
+                                merge, split, unmerge)

@@ -378,11 +378,10 @@ class TrainCheckpointer:
     if shardings is None:
       sharding_leaves = [None] * len(named)
     else:
-      sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: x is None or isinstance(
-          x, jax.sharding.Sharding))
-      if len(sharding_leaves) != len(named):
-        raise ValueError(f"shardings has {len(sharding_leaves)} leaves, the target (without "
-                         f"base) {len(named)}")
+      try:
+        sharding_leaves = jax.tree.structure(stateful).flatten_up_to(shardings)
+      except (ValueError, TypeError) as error:
+        raise ValueError(f"shardings must mirror the target (without base): {error}") from error
     self._check_layout(step, named)
 
     restore_args = _nest([(path, _restore_args(leaf, sharding))

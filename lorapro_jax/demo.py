@@ -37,8 +37,8 @@ import numpy as np
 from lorapro_jax.data.batching import BatchIterator, eval_batches, tokenize
 from lorapro_jax.data.vader import vader_sentiment
 from lorapro_jax.schedules import make_schedule
-from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step, make_optimizer,
-                               make_train_step, write_json)
+from lorapro_jax.train import (TrainState, dem_regularizer, evaluate, fit, make_eval_step,
+                               make_optimizer, make_train_step, write_json)
 
 METHODS = ("full", "lora", "lora_pro", "dynamic_rank", "lora_pro_dynamic_rank")
 TARGETS = ("query", "key", "value", "attention/output/dense", "intermediate/dense",
@@ -46,6 +46,7 @@ TARGETS = ("query", "key", "value", "attention/output/dense", "intermediate/dens
 # peak learning rates, picked on the quick run's dev split
 LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "lora_pro": 1e-3, "dynamic_rank": 1e-3,
                   "lora_pro_dynamic_rank": 1e-3}
+DEM_WEIGHT = 0.1  # eta of dynamic rank's DEM regulariser
 
 
 def minilm_path() -> str:
@@ -78,7 +79,7 @@ def _inputs(batch):
   return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
-def prepare_data(max_length: int = 16) -> tuple[dict, dict, Any]:
+def prepare_data(max_length: int = 8) -> tuple[dict, dict, Any]:
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(minilm_path())
   train, dev = vader_sentiment(margin=0.5, dev_fraction=0.2, seed=0)
@@ -101,21 +102,22 @@ def build_method(method: str, encoder: nn.Module, encoder_params: Any, example: 
   if method == "full":
     optimizer = make_optimizer("full", schedule)
     return plain, None, params, optimizer, None, None, schedule
-  from lorapro_jax.inject import init_adapters, inject
+  from lorapro_jax.inject import init_adapters, inject, split
   from lorapro_jax.lora import LoRAConfig
   dynamic = method.endswith("dynamic_rank")
   config = LoRAConfig(rank=12 if dynamic else 8, alpha=16.0, targets=TARGETS, gated=dynamic,
                       modules_to_save=("classifier",))
-  model = SentenceClassifier(inject(encoder, config))
+  model = inject(plain, config)
   trainable = init_adapters(model, params, adapter_rng, *_inputs(example))
-  optimizer, regularizer = make_optimizer(
-      method, schedule, scale=config.scales(trainable), total_steps=total_steps, target_rank=8,
-      with_regularizer=True)
-  return model, params, trainable, optimizer, regularizer, config, schedule
+  base, _ = split(params, config)  # the head lives in the trainable tree only
+  optimizer = make_optimizer(method, schedule, scale=config.scales(trainable),
+                             total_steps=total_steps, target_rank=8)
+  regularizer = dem_regularizer(DEM_WEIGHT, total_steps) if dynamic else None
+  return model, base, trainable, optimizer, regularizer, config, schedule
 
 
 def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 400, batch_size: int = 32,
-        eval_every: int = 100, max_length: int = 16, seed: int = 0, progress: bool = True,
+        eval_every: int = 100, max_length: int = 8, seed: int = 0, progress: bool = True,
         quick: bool = False) -> dict[str, Any]:
   """Trains every method, writes the outputs, returns the results table as a dict."""
   from transformers import FlaxBertModel
@@ -173,8 +175,8 @@ def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 400, batch_siz
              "rank_allocation": ranks}
   write_json(os.path.join(out_dir, "results.json"), payload)
   plot_loss_curves(curves, os.path.join(out_dir, "loss_curves.png"))
-  if ranks:
-    plot_rank_allocation(ranks, os.path.join(out_dir, "rank_allocation.png"))
+  for method, pattern in ranks.items():
+    plot_rank_allocation(pattern, method, os.path.join(out_dir, f"rank_allocation_{method}.png"))
   return payload
 
 
@@ -183,9 +185,14 @@ def count_params(tree: Any) -> int:
 
 
 def live_ranks(state: TrainState) -> dict[str, int]:
-  """Live components per adapted kernel ("layer/module" -> rank) after dynamic-rank pruning."""
-  from lorapro_jax.dynamic_rank import rank_pattern
-  return {k: int(v) for k, v in rank_pattern(state.trainable, state.opt_state).items()}
+  """Live components per adapted kernel (dotted path -> rank) after dynamic-rank pruning."""
+  from lorapro_jax.dynamic_rank import DynamicRankState, rank_pattern
+  found = [s for s in jax.tree.leaves(state.opt_state,
+                                      is_leaf=lambda x: isinstance(x, DynamicRankState))
+           if isinstance(s, DynamicRankState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one DynamicRankState in the optimizer state, found {len(found)}")
+  return rank_pattern(found[0])
 
 
 def plot_loss_curves(curves: dict[str, list], path: str) -> None:
@@ -206,27 +213,19 @@ def plot_loss_curves(curves: dict[str, list], path: str) -> None:
   plt.close(figure)
 
 
-def plot_rank_allocation(ranks: dict[str, dict[str, int]], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  figure, axes = plt.subplots(1, len(ranks), figsize=(6 * len(ranks), 4), squeeze=False)
-  for axis, (method, pattern) in zip(axes[0], ranks.items()):
-    layers = sorted({name.split("/")[0] for name in pattern}, key=lambda s: int(s) if s.isdigit() else s)
-    modules = sorted({name.split("/", 1)[1] for name in pattern})
-    grid = np.full((len(modules), len(layers)), np.nan)
-    for name, rank in pattern.items():
-      layer, module = name.split("/", 1)
-      grid[modules.index(module), layers.index(layer)] = rank
-    image = axis.imshow(grid, cmap="viridis", vmin=0, aspect="auto")
-    for (i, j), value in np.ndenumerate(grid):
-      axis.text(j, i, f"{value:.0f}", ha="center", va="center", color="w", fontsize=8)
-    axis.set(xticks=range(len(layers)), xticklabels=layers, yticks=range(len(modules)),
-             yticklabels=modules, xlabel="layer", title=f"{method}: final rank per kernel")
-    figure.colorbar(image, ax=axis)
+def plot_rank_allocation(pattern: dict[str, int], method: str, path: str) -> None:
+  """Live rank per kernel, module type x layer (dynamic rank's heatmap)."""
+  from lorapro_jax.dynamic_rank import plot_rank_heatmap
+
+  def cell(dotted_path: str):
+    parts = dotted_path.split(".")
+    index = next(i for i, part in enumerate(parts) if part.isdigit())
+    return int(parts[index]), ".".join(parts[index + 1:])
+
+  figure = plot_rank_heatmap(pattern, cell=cell,
+                             title=f"{method}: live rank per kernel (target average 8)")
   figure.tight_layout()
   figure.savefig(path, dpi=120)
-  plt.close(figure)
 
 
 def format_table(payload: dict[str, Any]) -> str:

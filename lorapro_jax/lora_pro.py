@@ -388,12 +388,14 @@ def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, rest:
   def init_fn(params):
     validate_scale(scale, params, keys)
     paths = adapter_paths(params, keys)
-    shapes = []
+    kernels = []
     for path in paths:
       node = get_path(params, path)
       a, b = node[keys.a], node[keys.b]
-      shapes.append(jnp.zeros(a.shape[:-1] + b.shape[-1:], compute_dtype(jnp.result_type(a, b))))
-    return LoRAProFullState(inner.init(_nest(paths, shapes)),
+      # Built from both factors so that the kernel-shaped state inherits their shardings.
+      zeros = jnp.zeros_like(a[..., :, :1]) * jnp.zeros_like(b[..., :1, :])
+      kernels.append(zeros.astype(compute_dtype(zeros.dtype)))
+    return LoRAProFullState(inner.init(_nest(paths, kernels)),
                             rest.init(_without_factors(params, keys)))
 
   def update_fn(updates, state, params=None):
@@ -427,6 +429,21 @@ def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, rest:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _in_compute_dtype(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Runs ``inner`` on float32 copies of low-precision leaves (moments included), then casts the
+  updates back: an Adam second moment kept in bfloat16 never decays (``0.999·v`` rounds to v)."""
+  promote = lambda tree: jax.tree.map(lambda x: x.astype(compute_dtype(x.dtype)), tree)
+
+  def init_fn(params):
+    return inner.init(promote(params))
+
+  def update_fn(updates, state, params=None):
+    new, state = inner.update(promote(updates), state, None if params is None else promote(params))
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new, updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def lora_pro(learning_rate, scale, *, mode="efficient", b1=0.9, b2=0.999, eps=1e-8,
              weight_decay=0.0, x_mode="sylvester", ridge=1e-8, inner=None,
              keys: AdapterKeys = DEFAULT_KEYS) -> optax.GradientTransformation:
@@ -442,6 +459,7 @@ def lora_pro(learning_rate, scale, *, mode="efficient", b1=0.9, b2=0.999, eps=1e
 
   Every other trainable leaf (heads, ``modules_to_save``, gates ``lora_c``) gets ordinary AdamW
   with the same hyperparameters. Bias correction uses t = 1 at the first step, as optax does.
+  Moments are kept in at least float32 (bfloat16 parameters get float32 moments).
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -461,11 +479,12 @@ def lora_pro(learning_rate, scale, *, mode="efficient", b1=0.9, b2=0.999, eps=1e
     if inner is not None:
       raise ValueError("inner is used only by mode='full'; for other per-factor optimizers chain "
                        "lora_pro_project(scale) with them")
+    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     return optax.chain(lora_pro_project(scale, x_mode=x_mode, ridge=ridge, keys=keys),
-                       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+                       _in_compute_dtype(adamw))
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   return optax.chain(
-      lora_pro_full_direction(scale, inner=adam if inner is None else inner, rest=adam,
-                              x_mode=x_mode, ridge=ridge, keys=keys),
+      lora_pro_full_direction(scale, inner=adam if inner is None else inner,
+                              rest=_in_compute_dtype(adam), x_mode=x_mode, ridge=ridge, keys=keys),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate))

@@ -64,6 +64,10 @@ def combine_params(base: Any, trainable: Any) -> Any:
   return combine(base, trainable)
 
 
+def _own_buffers(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
+
+
 @flax.struct.dataclass
 class TrainState:
   """Everything a step reads and writes; a pytree, so it jits, shards and checkpoints as one."""
@@ -77,12 +81,19 @@ class TrainState:
   @classmethod
   def create(cls, base: Any, trainable: Any, optimizer: optax.GradientTransformation,
              rng: jax.Array, *, base_dtype: Any = None) -> TrainState:
-    """A step-0 state; ``base=None`` for full fine-tuning (everything trainable)."""
+    """A step-0 state; ``base=None`` for full fine-tuning (everything trainable).
+
+    The trainable tree and the optimizer state are copied into buffers of their own: the train
+    step donates them, which must neither delete the caller's arrays (pretrained weights reused
+    by another run) nor meet one buffer twice (an optimizer that puts one zeros array in
+    several leaves of its state).
+    """
     if not jax.tree.leaves(trainable):
       raise ValueError("the trainable tree has no leaves: nothing to train (check the LoRA "
                        "targets / modules_to_save)")
+    trainable = _own_buffers(trainable)
     return cls(step=jnp.zeros((), jnp.int32), base=cast_floating(base, base_dtype),
-               trainable=trainable, opt_state=optimizer.init(trainable), rng=rng)
+               trainable=trainable, opt_state=_own_buffers(optimizer.init(trainable)), rng=rng)
 
 
 METHODS = ("full", "lora", "rslora", "lora_pro", "lora_pro_full", "dynamic_rank",
@@ -128,6 +139,20 @@ def make_optimizer(method: str, learning_rate: float | optax.Schedule, *, scale:
   elif dynamic_rank_options:
     raise ValueError(f"dynamic_rank_options given for method {method!r}, which does not prune")
   return optax.chain(*chain)
+
+
+def dem_regularizer(weight: float, total_steps: int,
+                    final_frac: float = 0.5) -> Callable[[Any, jax.Array], jax.Array]:
+  """``weight · DEM(adapters)`` while dynamic rank prunes (``dem_active``), else 0: the
+  ``regularizer`` of :func:`make_train_step` for the dynamic-rank methods (Mao et al. 2024)."""
+  from lorapro_jax.dynamic_rank import dem_active, dem_penalty
+  if weight < 0:
+    raise ValueError(f"DEM weight must be >= 0, got {weight}")
+
+  def regularizer(trainable, step):
+    return jnp.where(dem_active(step, total_steps, final_frac), weight * dem_penalty(trainable), 0.0)
+
+  return regularizer
 
 
 def _split_micro(batch: Mapping[str, Any], accum_steps: int) -> dict[str, jax.Array]:
@@ -192,14 +217,28 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
   if not jit:
     return train_step
-  shardings = {}
   if (state_sharding is None) != (batch_sharding is None):
     raise ValueError("give both state_sharding and batch_sharding, or neither")
+
+  # The frozen base is an input but never donated: it is shared (pretrained weights reused by
+  # several runs) and passes through unchanged; the rest of the state is donated and updated.
+  def step_without_base(rest: TrainState, base: Any, batch: Mapping[str, Any]):
+    new_state, metrics = train_step(rest.replace(base=base), batch)
+    return new_state.replace(base=None), metrics
+
+  shardings = {}
   if state_sharding is not None:
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    shardings = {"in_shardings": (state_sharding, batch_sharding),
-                 "out_shardings": (state_sharding, replicated)}
-  return jax.jit(train_step, donate_argnums=(0,) if donate else (), **shardings)
+    shardings = {"in_shardings": (state_sharding.replace(base=None), state_sharding.base,
+                                  batch_sharding),
+                 "out_shardings": (state_sharding.replace(base=None), replicated)}
+  jitted = jax.jit(step_without_base, donate_argnums=(0,) if donate else (), **shardings)
+
+  def jitted_train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
+    new_rest, metrics = jitted(state.replace(base=None), state.base, batch)
+    return new_rest.replace(base=state.base), metrics
+
+  return jitted_train_step
 
 
 def make_eval_step(predict_fn: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]],
@@ -258,15 +297,18 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
         eval_every: int = 0, best_metric: str | None = None, higher_is_better: bool = True,
         schedule: optax.Schedule | None = None, log_every: int = 10,
         log_dir: str | None = None, on_best: Callable[[TrainState, dict], None] | None = None,
+        on_eval: Callable[[TrainState, dict], None] | None = None,
         on_step: Callable[[TrainState, dict], None] | None = None,
         results_path: str | None = None, progress: bool = True,
         extra_results: Mapping[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains until ``state.step == num_steps``; returns (final state, results).
 
   Evaluates every ``eval_every`` steps and at the end; whenever ``best_metric`` improves,
-  ``on_best(state, metrics)`` is called (save a checkpoint there) and the host copy of the best
-  trainable tree is kept in ``results["best_trainable"]`` (not written to JSON). ``on_step`` is
-  called after each step (save periodic checkpoints there, with the data iterator's position).
+  ``on_best(state, metrics)`` is called and the host copy of the best trainable tree is kept in
+  ``results["best_trainable"]`` (not written to JSON). ``on_eval(state, metrics)`` is called
+  after every evaluation (save a checkpoint with its metrics there: the checkpointer keeps the
+  best), ``on_step(state, metrics)`` after each step (periodic checkpoints, with the data
+  iterator's position).
   The results — history of (step, loss, lr), evaluations, best, final, wall time, ms per step —
   go to ``results_path`` as JSON.
   """
@@ -313,6 +355,8 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
     for name, value in metrics.items():
       if name != "step":
         writer.add_scalar(f"eval/{name}", value, step)
+    if on_eval is not None:
+      on_eval(state, metrics)
     if best_metric is not None:
       if best_metric not in metrics:
         raise KeyError(f"best_metric {best_metric!r} not among evaluation results {sorted(metrics)}")

@@ -90,6 +90,9 @@ def main():
   optimizer = make_optimizer(args.steps)
   train_step = make_train_step(make_loss(frozen_base()), optimizer, donate=True)
   state = TrainState.create(None, initial_adapters(), optimizer, jax.random.key(7))
+  # optimizer.init may put one array at two places of the state (dynamic_rank's mask and
+  # final_mask start as the same array), which a donating step refuses: own buffers for each leaf
+  state = jax.tree.map(jnp.copy, state)
   position = 0
   checkpoints = TrainCheckpointer(args.dir, CONFIG, keep=2, async_save=True,
                                   save_interval_steps=args.save_every)

@@ -224,7 +224,9 @@ def test_random_shapes_roundtrip(tmp_path_factory, rank, n_in, n_out, dtype):
   directory = tmp_path_factory.mktemp("shapes")
   with TrainCheckpointer(directory, None, async_save=False) as checkpoints:
     checkpoints.save(tree)
-    restored = checkpoints.restore(jax.tree.map(jnp.zeros_like, tree)).state
+    target = jax.tree.map(lambda x: np.zeros_like(x) if isinstance(x, np.generic) else
+                          jnp.zeros_like(x), tree)
+    restored = checkpoints.restore(target).state
   _assert_bitwise_equal(_host(restored), _host(tree))
 
 
@@ -273,7 +275,7 @@ def test_truncated_array_file_is_a_clear_error(tmp_path):
     with open(path, "r+b") as handle:
       handle.truncate(max(os.path.getsize(path) // 3, 1))
   before = _tree_digest(tmp_path)
-  with pytest.raises(CheckpointCorruptError, match=r"cannot read the arrays of checkpoint step 2"):
+  with pytest.raises(CheckpointCorruptError, match=r"cannot read the array(s| metadata) of checkpoint step 2"):
     TrainCheckpointer(tmp_path, CONFIG).restore(state)
   assert _tree_digest(tmp_path) == before
   assert TrainCheckpointer(tmp_path, CONFIG).restore(state, step=1).step == 1

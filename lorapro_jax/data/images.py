@@ -1,10 +1,11 @@
 """Image classification through tensorflow-datasets, as ViT inputs.
 
 ``load_image_classification("cifar100", "train", image_size=224)`` returns ``pixel_values`` of
-shape ``(N, 3, image_size, image_size)`` (channels first, as Hugging Face's ``FlaxViTModel``
-takes them), float32, bilinearly resized and normalised with ``(x/255 − mean)/std`` (ViT's
-mean = std = 0.5 by default), and ``labels`` (int32). Reads prepared tfds data
-(``download=False`` by default); tests use ``tfds.testing.mock_data``.
+shape ``(N, image_size, image_size, 3)`` (channels last, as the linen module of Hugging Face's
+``FlaxViTModel`` takes them; its wrapper transposes from channels first), float32, bilinearly
+resized and normalised with ``(x/255 − mean)/std`` (ViT's mean = std = 0.5 by default), and
+``labels`` (int32). Reads prepared tfds data (``download=False`` by default); tests use
+``tfds.testing.mock_data``.
 """
 from __future__ import annotations
 
@@ -42,5 +43,5 @@ def load_image_classification(name: str, split: str, *, image_size: int = 224,
     labels.append(label)
   if not images:
     raise ValueError(f"{name} split {split!r} is empty")
-  pixels = np.stack(images).astype(np.float32).transpose(0, 3, 1, 2)
+  pixels = np.stack(images).astype(np.float32)
   return {"pixel_values": pixels, "labels": np.asarray(labels, np.int32)}

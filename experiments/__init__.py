@@ -1,0 +1,1 @@
+"""Training entry points and configs reproducing the papers' tables (see ``experiments/run.py``)."""

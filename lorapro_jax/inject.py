@@ -1,0 +1,303 @@
+"""Put LoRA adapters into any existing linen model, and move between param trees.
+
+:func:`inject` wraps a linen module (a Hugging Face Flax ``*Module`` included) so that, while it
+runs, every targeted ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` / HF ``FlaxConv1D`` layer
+adds ``s * ((dropout(x) @ A) * c) @ B`` to its output (:func:`lorapro_jax.lora.add_adapter`),
+through ``nn.intercept_methods``: the model's code is not edited and its parameter tree keeps its
+paths, with ``lora_a`` / ``lora_b`` (/ ``lora_c``) added next to each adapted ``kernel``.
+
+Training pattern (gradients of the adapters only; the base is never differentiated and the merged
+kernel ``K0 + s*A@B`` is never formed)::
+
+  import jax, jax.numpy as jnp, flax.linen as nn, optax
+  from lorapro_jax import LoRAConfig, inject, init_adapters, combine, merge
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, name="out")(nn.relu(nn.Dense(16, name="hidden")(x)))
+
+  x, y = jnp.ones((8, 5)), jnp.zeros((8, 4))
+  base = MLP().init(jax.random.key(0), x)["params"]        # or pretrained weights
+  config = LoRAConfig(rank=2, alpha=4.0, targets=("hidden", "out"))
+  model = inject(MLP(), config)
+  trainable = init_adapters(model, base, jax.random.key(1), x)   # only lora_a / lora_b
+
+  def loss(trainable, base, x, y):
+    return jnp.mean((model.apply({"params": combine(base, trainable)}, x) - y) ** 2)
+
+  opt = optax.adam(1e-2)
+  state = opt.init(trainable)
+  grads = jax.jit(jax.grad(loss))(trainable, base, x, y)
+  updates, state = opt.update(grads, state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  merged = merge(combine(base, trainable), config)  # plain MLP params, loads into MLP()
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorapro_jax.adapters import DEFAULT_KEYS, Path, map_adapters
+from lorapro_jax.lora import (ALL_LINEAR, KernelLayout, LoRAConfig, LoRADense, LoRADenseGeneral,
+                              LoRAEinsum, add_adapter, dense_general_layout, dense_layout, dotted,
+                              einsum_layout, kernel_update, path_matches)
+
+ADAPTER_LEAVES = (DEFAULT_KEYS.a, DEFAULT_KEYS.b, DEFAULT_KEYS.c)
+_LORA_LAYERS = (LoRADense, LoRADenseGeneral, LoRAEinsum)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+  """Hugging Face's GPT-2 ``FlaxConv1D``: a Dense whose kernel is stored ``(features, n_in)``."""
+  return type(module).__name__ == "FlaxConv1D" and hasattr(module, "features")
+
+
+def _layout(module: nn.Module, args: tuple, kwargs: dict) -> KernelLayout | None:
+  """The layout of a linear layer about to run, or None for anything else."""
+  if isinstance(module, _LORA_LAYERS) or not args:
+    return None
+  x = args[0]
+  if isinstance(module, nn.Dense) or _is_conv1d(module):
+    return dense_layout(x.shape, module.features)
+  if isinstance(module, nn.DenseGeneral):
+    return dense_general_layout(x.shape, module.features, module.axis, module.batch_dims)
+  if isinstance(module, nn.Einsum):
+    called = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+    return einsum_layout(nn.merge_param("einsum_str", module.einsum_str, called), module.shape)
+  return None
+
+
+def _module_path(module: nn.Module) -> Path:
+  return tuple(str(part) for part in module.path)
+
+
+def _adapt(config: LoRAConfig, seen: list, next_fun, args, kwargs, context):
+  """The interceptor: adds an adapter to each targeted linear layer, records every layer seen."""
+  if context.method_name != "__call__":
+    return next_fun(*args, **kwargs)
+  layout = _layout(context.module, args, kwargs)
+  if layout is None:
+    return next_fun(*args, **kwargs)
+  module = context.module
+  path = _module_path(module)
+  adapted = config.is_target(path)
+  seen.append((path, adapted))
+  if not adapted:
+    return next_fun(*args, **kwargs)
+  if _is_conv1d(module) != config.is_transposed(path):
+    raise ValueError(
+        f"layer {dotted(path)} ({type(module).__name__}) "
+        + ("stores its kernel (n_out, n_in): add it to LoRAConfig.transposed_kernels"
+           if _is_conv1d(module) else
+           "stores its kernel (n_in, n_out) but matches LoRAConfig.transposed_kernels"))
+  y = next_fun(*args, **kwargs)
+  return add_adapter(module, args[0], y, layout, config, getattr(module, "precision", None))
+
+
+def _check_matches(config: LoRAConfig, seen: list) -> None:
+  """Every target / exclude / rank / alpha pattern must have matched some layer."""
+  paths = list(dict.fromkeys(path for path, _ in seen))
+  adapted = [path for path, hit in seen if hit]
+  available = "\n  ".join(dotted(path) for path in paths) or "(none: no linear layer ran)"
+  checks = [("targets", pattern, paths) for pattern in config.targets if pattern != ALL_LINEAR]
+  checks += [("exclude", pattern, paths) for pattern in config.exclude]
+  checks += [("rank_pattern", pattern, adapted) for pattern in config.rank_pattern]
+  checks += [("alpha_pattern", pattern, adapted) for pattern in config.alpha_pattern]
+  checks += [("transposed_kernels", pattern, paths) for pattern in config.transposed_kernels]
+  for field, pattern, candidates in checks:
+    if not any(path_matches(pattern, path) for path in candidates):
+      raise ValueError(f"LoRAConfig.{field} entry {pattern!r} matches no "
+                       f"{'adapted' if 'pattern' in field else 'linear'} layer; linear layer "
+                       f"paths:\n  {available}")
+  if not adapted:
+    raise ValueError(f"LoRAConfig.targets {config.targets} adapt no layer; linear layer paths:"
+                     f"\n  {available}")
+
+
+class LoRAModel(nn.Module):
+  """``module`` run with adapters on the layers ``lora`` targets; built by :func:`inject`.
+
+  Shares ``module``'s scope, so its params are ``module``'s params plus the adapter leaves.
+  """
+
+  module: nn.Module
+  lora: LoRAConfig
+
+  def setup(self):
+    nn.share_scope(self, self.module)
+
+  def __call__(self, *args, **kwargs):
+    return self.run("__call__", *args, **kwargs)
+
+  def run(self, method: str, *args, **kwargs):
+    """Runs ``module.<method>`` with adapters: ``model.apply(v, "encode", ids, method="run")``."""
+    seen: list = []
+    with nn.intercept_methods(functools.partial(_adapt, self.lora, seen)):
+      out = getattr(self.module, method)(*args, **kwargs)
+    _check_matches(self.lora, seen)
+    return out
+
+
+def inject(module: nn.Module, config: LoRAConfig) -> LoRAModel:
+  """A linen module that runs ``module`` unmodified, with LoRA on the layers ``config`` targets.
+
+  For a Hugging Face Flax model pass its linen module: ``inject(hf_model.module, config)``.
+  Targets that match no layer, ranks above ``min(n_in, n_out)`` and GPT-2 ``FlaxConv1D`` layers
+  missing from ``config.transposed_kernels`` raise a ``ValueError`` on the first init/apply.
+  """
+  if not isinstance(config, LoRAConfig):
+    raise TypeError(f"inject needs a LoRAConfig, got {type(config).__name__}")
+  if not isinstance(module, nn.Module):
+    raise TypeError(f"inject needs a linen Module (for HF models: model.module), got "
+                    f"{type(module).__name__}")
+  return LoRAModel(module, config)
+
+
+def linear_layer_paths(module: nn.Module, *args, **kwargs) -> list[Path]:
+  """Paths of the linear layers ``module`` runs on these example inputs (shapes only, no FLOPs)."""
+  seen: list = []
+  no_adapters = LoRAConfig(targets="re:(?!)")  # a regex that never matches: record only
+
+  def init():
+    with nn.intercept_methods(functools.partial(_adapt, no_adapters, seen)):
+      return module.init(jax.random.key(0), *args, **kwargs)
+
+  jax.eval_shape(init)
+  return list(dict.fromkeys(path for path, _ in seen))
+
+
+def init_adapters(model: LoRAModel, base_params: Any, rng: jax.Array, *example_args,
+                  **example_kwargs) -> dict:
+  """The trainable tree (adapters and ``modules_to_save``) for a model with pretrained ``base_params``.
+
+  One jitted call of ``model.apply`` on the example inputs with ``base_params`` given: flax
+  creates only the params missing from ``base_params``, i.e. the adapter leaves (and heads under
+  ``modules_to_save`` that the base lacks); only those leave the computation, so the base is
+  neither re-initialised nor copied, and the forward pass itself is dead code. Any other missing
+  base param is an error (wrong ``base_params`` for this model).
+  """
+  config = model.lora
+
+  def create(base, key):
+    _, state = model.apply({"params": base}, *example_args, rngs={"params": key},
+                           mutable=["params"], **example_kwargs)
+    params = state["params"]
+    _check_only_adapters_created(params, base, config)
+    return split(params, config)[1]
+
+  return jax.jit(create)(base_params, rng)
+
+
+def _check_only_adapters_created(params: Mapping, base: Mapping, config: LoRAConfig,
+                                 path: Path = ()) -> None:
+  for key, value in params.items():
+    here = path + (str(key),)
+    if key not in base:
+      if key in ADAPTER_LEAVES or _saved(here, config):
+        continue
+      raise ValueError(f"base_params has no entry {dotted(here)!r} that the model creates: "
+                       f"pass the params of this very model (or list the new head in "
+                       f"LoRAConfig.modules_to_save)")
+    if isinstance(value, Mapping):
+      _check_only_adapters_created(value, base[key], config, here)
+
+
+def _saved(path: Path, config: LoRAConfig | None) -> bool:
+  return config is not None and any(path_matches(p, path) for p in config.modules_to_save)
+
+
+def split(params: Any, config: LoRAConfig | None = None) -> tuple[dict, dict]:
+  """``(base, trainable)``: adapter leaves and ``config.modules_to_save`` subtrees go to
+  ``trainable`` (same paths), everything else to ``base``. ``combine`` inverts it."""
+  matched: set = set()
+
+  def walk(node: Mapping, path: Path) -> tuple[dict, dict]:
+    base, trainable = {}, {}
+    for key, value in node.items():
+      here = path + (str(key),)
+      if _saved(here, config):
+        matched.update(p for p in config.modules_to_save if path_matches(p, here))
+        trainable[key] = value
+      elif key in ADAPTER_LEAVES and DEFAULT_KEYS.a in node and DEFAULT_KEYS.b in node:
+        trainable[key] = value
+      elif isinstance(value, Mapping):
+        sub_base, sub_trainable = walk(value, here)
+        if sub_base:
+          base[key] = sub_base
+        if sub_trainable:
+          trainable[key] = sub_trainable
+      else:
+        base[key] = value
+    return base, trainable
+
+  base, trainable = walk(params, ())
+  missing = [p for p in (config.modules_to_save if config else ()) if p not in matched]
+  if missing:
+    raise ValueError(f"LoRAConfig.modules_to_save {missing} match no param subtree; top-level "
+                     f"entries: {sorted(map(str, params))}")
+  return base, trainable
+
+
+def combine(base: Any, trainable: Any) -> dict:
+  """The full param tree: ``base`` with ``trainable``'s entries added (they win on overlap)."""
+  if not isinstance(trainable, Mapping):
+    return trainable
+  if not isinstance(base, Mapping):
+    raise ValueError(f"combine: trainable holds a subtree where base has a leaf "
+                     f"({type(base).__name__})")
+  out = dict(base)
+  for key, value in trainable.items():
+    out[key] = combine(base[key], value) if key in base else value
+  return out
+
+
+def _fold(kernel: jax.Array, node: Mapping, path: Path, config: LoRAConfig, sign: float):
+  """``kernel + sign * s * A diag(c) B`` in float32, reshaped to the kernel's layout."""
+  delta = kernel_update(node[DEFAULT_KEYS.a], node[DEFAULT_KEYS.b], node.get(DEFAULT_KEYS.c),
+                        config.scale_for(path))
+  if config.is_transposed(path):
+    delta = jnp.swapaxes(delta, -1, -2)
+  *stack, rows, cols = delta.shape
+  shape = tuple(kernel.shape)
+  split_at = [k for k in range(len(stack), len(shape) + 1)
+              if math.prod(shape[len(stack):k]) == rows and math.prod(shape[k:]) == cols]
+  if tuple(stack) != shape[:len(stack)] or not split_at:
+    raise ValueError(f"adapter at {dotted(path)} gives an update of shape {delta.shape} that "
+                     f"does not fold into its kernel of shape {shape} (stack, inputs, outputs "
+                     f"order{', transposed' if config.is_transposed(path) else ''})")
+  merged = kernel.astype(jnp.float32) + sign * delta.reshape(shape)
+  return merged.astype(kernel.dtype)
+
+
+def merge(params: Any, config: LoRAConfig) -> Any:
+  """Params with each adapter folded into its kernel (``K0 + s*A@diag(c)@B``, float32, cast back)
+  and the adapter leaves dropped: exactly the base model's structure, for the original model."""
+
+  def fold(path, node):
+    out = {k: v for k, v in node.items() if k not in ADAPTER_LEAVES}
+    out["kernel"] = _fold(node["kernel"], node, path, config, 1.0)
+    return out
+
+  return map_adapters(fold, params)
+
+
+def unmerge(merged: Any, trainable: Any, config: LoRAConfig) -> dict:
+  """Inverse of :func:`merge`: the full params (base kernels restored, ``trainable`` added)."""
+
+  def unfold(path, node):
+    return {**node, "kernel": _fold(node["kernel"], node, path, config, -1.0)}
+
+  return map_adapters(unfold, combine(merged, trainable))
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a tree of arrays (or ``jax.ShapeDtypeStruct``s)."""
+  return sum(math.prod(np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape)
+             for leaf in jax.tree.leaves(tree))

@@ -1,0 +1,524 @@
+"""Adapters for the PyTorch world: PEFT-format export and import, and merged-weight export.
+
+PEFT (Hugging Face's ``peft``, LoRA type) stores an adapter as two files in a directory:
+
+* ``adapter_model.safetensors`` — per adapted module ``<module>`` of the PyTorch model,
+  ``base_model.model.<module>.lora_A.weight`` of shape ``(r, n_in)`` and
+  ``base_model.model.<module>.lora_B.weight`` of shape ``(n_out, r)``, plus the full weights of
+  ``modules_to_save`` under ``base_model.model.<module>.<param>``;
+* ``adapter_config.json`` — ``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``,
+  ``rank_pattern`` / ``alpha_pattern`` (per-module overrides, matched as regex suffixes of the
+  module name), ``fan_in_fan_out`` (GPT-2's ``Conv1D``), ``modules_to_save``, ...
+
+PEFT's update of a module is ``ΔW = (alpha_m / r_m)·B_pt·A_pt`` (rsLoRA: ``alpha_m / sqrt(r_m)``)
+with the output ``x·W_ptᵀ + s·x·A_ptᵀ·B_ptᵀ``; ours is ``y = x·K0 + s·x·A·B`` with A ``(n_in, r)``,
+B ``(r, n_out)``. So ``A_pt = Aᵀ``, ``B_pt = Bᵀ`` for every family — GPT-2 included: its
+``Conv1D`` weight is stored ``(n_in, n_out)`` and PEFT's ``fan_in_fan_out=True`` transposes the
+update, not the factors. Gates (``lora_c``) are folded into B: ``B_pt = (diag(c)·B)ᵀ``.
+
+**Module names.** Hugging Face's Flax models use the PyTorch module names (``encoder/layer/0/
+attention/self/query`` ↔ ``encoder.layer.0.attention.self.query``, T5's ``block.0.layer.1.
+EncDecAttention.q``, GPT-2's ``transformer.h.0.attn.c_attn``, Llama's ``model.layers.0.mlp.
+down_proj``, ViT's ``vit.encoder.layer.0.attention.attention.query``), so a Flax path joined by
+dots *is* the module name, after an optional ``prefix``: the Flax params of ``FlaxBertModel``
+start at ``encoder``, a ``BertForSequenceClassification`` holds them under ``bert.`` (pass
+``prefix="bert."``). Layers stacked on a leading axis (``nn.scan``, e.g.
+``lorapro_jax.models.llama``: ``model/layers/self_attn/q_proj`` with ``lora_a`` of shape
+``(L, n_in, r)``) become one module per slice, the index inserted after the family's layer
+container (``STACK_CONTAINERS``: ``model.layers.{i}.self_attn.q_proj``).
+
+**Per-module ranks and scales.** Each module is written with its actual rank r_m (the factors'
+shape; after dynamic rank's ``shrink`` ranks differ) and ``alpha_m = s_m·r_m`` (rsLoRA
+``s_m·sqrt(r_m)``) where ``s_m`` is the scale the adapter was trained with
+(``LoRAConfig.scale_for``), so PEFT's ``alpha_m / r_m`` reproduces ``s_m`` exactly. The most
+common rank and alpha become ``r`` and ``lora_alpha``; every other module gets a
+``rank_pattern`` / ``alpha_pattern`` entry keyed by its full module name.
+
+Example::
+
+  from lorapro_jax.peft_format import export_peft, import_peft
+  export_peft(trainable, config, "adapter", family="bert", prefix="bert.",
+              base_model_name_or_path="bert-base-uncased")
+  # PyTorch: PeftModel.from_pretrained(BertForSequenceClassification..., "adapter")
+  adapters, config = import_peft("adapter", family="bert", prefix="bert.")
+
+Only safetensors and JSON are read; nothing is unpickled.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from lorapro_jax.adapters import DEFAULT_KEYS, Path, is_adapter, map_adapters
+from lorapro_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError, named_leaves
+from lorapro_jax.lora import ALL_LINEAR, REGEX_PREFIX, LoRAConfig, dotted, path_matches
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FAMILIES = ("bert", "roberta", "vit", "t5", "llama", "gpt2")
+# where the per-layer index goes when a family's layers are stacked on a leading axis
+STACK_CONTAINERS = {"bert": "layer", "roberta": "layer", "vit": "layer", "t5": "block",
+                    "llama": "layers", "gpt2": "h"}
+# the PyTorch name of a 1-D "weight" of normalisation layers: LayerNorm's Flax "scale"
+_NORM_SCALE = {"bert": "scale", "roberta": "scale", "vit": "scale", "gpt2": "scale",
+               "t5": "weight", "llama": "weight"}
+
+
+def _check_family(family: str) -> None:
+  if family not in FAMILIES:
+    raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+
+
+def _check_prefix(prefix: str) -> None:
+  if prefix and not prefix.endswith("."):
+    raise ValueError(f"prefix must be empty or end with '.', got {prefix!r}")
+
+
+def torch_module_names(path: Path, family: str, n_stacked: int = 0, prefix: str = "") -> list[str]:
+  """The PyTorch module name(s) of the Flax module at ``path``.
+
+  One name for an unstacked module; ``n_stacked`` names (one per slice of the leading axis) for
+  a stacked one, the slice index inserted after the family's layer container.
+  """
+  _check_family(family)
+  _check_prefix(prefix)
+  if not n_stacked:
+    return [prefix + dotted(path)]
+  container = STACK_CONTAINERS[family]
+  if container not in path:
+    raise ValueError(f"stacked module {dotted(path)} has no {container!r} component to put the "
+                     f"layer index after (family {family!r})")
+  at = path.index(container) + 1
+  return [prefix + dotted(path[:at] + (str(i),) + path[at:]) for i in range(n_stacked)]
+
+
+def peft_pattern_key(patterns: Sequence[str], module_name: str) -> str | None:
+  """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: the first key that matches the end of
+  the module name at a component boundary, as a regex (``peft.utils.other.get_pattern_key``)."""
+  for key in patterns:
+    if re.match(rf"(.*\.)?({key})$", module_name):
+      return key
+  return None
+
+
+# ------------------------------------------------------------------------------------- export
+
+
+def _slices(path: Path, node: Mapping, ranks: Mapping[str, Any] | None):
+  """``[(slice index or None, A (n_in, r_m), B (r_m, n_out))]`` in float64 with c folded into B
+  and the components beyond a slice's live rank dropped (they must be zero)."""
+  a = np.asarray(jax.device_get(node[DEFAULT_KEYS.a]), np.float64)
+  b = np.asarray(jax.device_get(node[DEFAULT_KEYS.b]), np.float64)
+  if DEFAULT_KEYS.c in node:
+    b = np.asarray(jax.device_get(node[DEFAULT_KEYS.c]), np.float64)[..., :, None] * b
+  if a.ndim not in (2, 3) or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] \
+      or a.shape[-1] != b.shape[-2]:
+    raise ValueError(f"adapter {dotted(path)}: lora_a {a.shape} and lora_b {b.shape} are not a "
+                     "pair (n_in, r) / (r, n_out), optionally stacked on one leading axis")
+  stacked = a.ndim == 3
+  a_list, b_list = (list(a), list(b)) if stacked else ([a], [b])
+  live = ranks.get(dotted(path)) if ranks is not None else None
+  if live is None:
+    live = [x.shape[-1] for x in a_list]
+  elif isinstance(live, (int, np.integer)):
+    live = [int(live)] * len(a_list)
+  if len(live) != len(a_list):
+    raise ValueError(f"ranks[{dotted(path)!r}] gives {len(live)} ranks for {len(a_list)} slices")
+  out = []
+  for index, (a_i, b_i, r_i) in enumerate(zip(a_list, b_list, live)):
+    if not 0 < r_i <= a_i.shape[-1]:
+      raise ValueError(f"rank {r_i} for {dotted(path)} (slice {index}) is not in 1..{a_i.shape[-1]}")
+    dropped = np.linalg.norm(a_i[:, r_i:], axis=0) * np.linalg.norm(b_i[r_i:], axis=1)
+    if np.any(dropped != 0):
+      raise ValueError(f"adapter {dotted(path)} (slice {index}) has non-zero components beyond its "
+                       f"rank {r_i}: shrink it first (lorapro_jax.dynamic_rank.shrink puts live "
+                       "components first)")
+    out.append((index if stacked else None, a_i[:, :r_i], b_i[:r_i]))
+  return out
+
+
+def _alpha_for_scale(scale: float, rank: int, rslora: bool) -> float:
+  """An alpha with ``alpha / r == scale`` (``alpha / sqrt(r)`` for rsLoRA) in float64."""
+  divisor = math.sqrt(rank) if rslora else rank
+  alpha = scale * divisor
+  for _ in range(4):  # at most an ulp or two off; step toward the exact quotient
+    if alpha / divisor == scale:
+      return alpha
+    alpha = math.nextafter(alpha, math.inf if alpha / divisor < scale else -math.inf)
+  return alpha
+
+
+def _most_common(values: list[Any]) -> Any:
+  counts = collections.Counter(values)
+  return max(counts, key=lambda v: (counts[v], -values.index(v)))
+
+
+def _saved_subtrees(tree: Any, config: LoRAConfig) -> list[tuple[Path, Any]]:
+  """The ``modules_to_save`` subtrees of a trainable tree; any other non-adapter leaf is an error."""
+  found: list[tuple[Path, Any]] = []
+
+  def walk(path: Path, node: Any) -> None:
+    if path and any(path_matches(p, path) for p in config.modules_to_save):
+      found.append((path, node))
+    elif is_adapter(node):
+      return
+    elif isinstance(node, Mapping):
+      for key, value in node.items():
+        walk(path + (str(key),), value)
+    else:
+      raise ValueError(f"trainable leaf {dotted(path)} is neither in an adapter node nor under "
+                       f"LoRAConfig.modules_to_save {list(config.modules_to_save)}")
+
+  walk((), tree)
+  return found
+
+
+def _torch_params(path: Path, subtree: Any, prefix: str) -> dict[str, np.ndarray]:
+  """PyTorch state-dict entries of a Flax param subtree (a module saved in full)."""
+  out = {}
+  for leaf_path, leaf in named_leaves(subtree):
+    full = path + leaf_path
+    *module, name = full
+    value = np.asarray(jax.device_get(leaf))
+    if name == "kernel":
+      if value.ndim != 2:
+        raise ValueError(f"cannot export the {value.ndim}-D kernel at {dotted(full)} to PEFT")
+      name, value = "weight", value.T
+    elif name in ("scale", "embedding"):
+      name = "weight"
+    elif name not in ("bias", "weight"):
+      raise ValueError(f"cannot name the param {dotted(full)} in PyTorch")
+    # safetensors writes the raw buffer: a transposed view must be made contiguous first
+    out[PEFT_PREFIX + prefix + ".".join(module + [name])] = np.ascontiguousarray(value)
+  return out
+
+
+def _plain_targets(config: LoRAConfig) -> bool:
+  return all(not t.startswith(REGEX_PREFIX) and t != ALL_LINEAR
+             for t in tuple(config.targets) + tuple(config.exclude))
+
+
+def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike, *,
+                family: str, prefix: str = "", base_model_name_or_path: str | None = None,
+                task_type: str | None = None, ranks: Mapping[str, Any] | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+  """Writes ``adapters`` (the trainable tree) as a PEFT LoRA adapter; returns the config written.
+
+  Args:
+    adapters: the trainable tree (adapter nodes and ``config.modules_to_save`` subtrees).
+    config: the LoRAConfig the adapters were trained with (scales come from it).
+    directory: output directory (created).
+    family: the model family (``FAMILIES``): GPT-2 gets ``fan_in_fan_out``, stacked layers their
+      index after ``STACK_CONTAINERS[family]``, saved norms their PyTorch names.
+    prefix: the PyTorch module prefix of the tree's root (``"bert."`` for FlaxBertModel params
+      loaded into a BertForSequenceClassification; ``""`` when the trees correspond).
+    base_model_name_or_path, task_type: copied into the PEFT config.
+    ranks: live rank per dotted adapter path (int, or one per slice of a stacked node), e.g.
+      ``lorapro_jax.dynamic_rank.rank_pattern(state)`` for adapters that ``shrink`` zero-padded.
+    overwrite: replace existing files (default: refuse).
+  """
+  from safetensors.numpy import save_file
+  _check_family(family)
+  _check_prefix(prefix)
+  directory = os.fspath(directory)
+  for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+    if not overwrite and os.path.exists(os.path.join(directory, name)):
+      raise FileExistsError(f"{os.path.join(directory, name)} exists; pass overwrite=True")
+
+  tensors: dict[str, np.ndarray] = {}
+  modules: list[tuple[str, int, float, str]] = []  # (module name, rank, alpha, flax path)
+
+  def export_node(path, node):
+    scale = config.scale_for(path)
+    slices = _slices(path, node, ranks)
+    names = torch_module_names(path, family, len(slices) if slices[0][0] is not None else 0, prefix)
+    dtype = np.asarray(node[DEFAULT_KEYS.a]).dtype
+    dtype = dtype if dtype in (np.float16, np.float32, np.float64) else np.float32
+    for name, (_, a, b) in zip(names, slices):
+      rank = a.shape[-1]
+      tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T.astype(dtype))
+      tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T.astype(dtype))
+      modules.append((name, rank, _alpha_for_scale(scale, rank, config.rslora), dotted(path)))
+    return node
+
+  map_adapters(export_node, adapters)
+  if not modules:
+    raise ValueError("export_peft: the tree holds no adapter node (lora_a / lora_b)")
+  saved = _saved_subtrees(adapters, config)
+  for path, subtree in saved:
+    tensors.update(_torch_params(path, subtree, prefix))
+
+  r = _most_common([rank for _, rank, _, _ in modules])
+  lora_alpha = _most_common([alpha for _, _, alpha, _ in modules])
+  rank_pattern = {name: rank for name, rank, _, _ in modules if rank != r}
+  alpha_pattern = {name: alpha for name, _, alpha, _ in modules if alpha != lora_alpha}
+  if _plain_targets(config):
+    target_modules = [t.replace("/", ".") for t in config.targets]
+    exclude_modules = [t.replace("/", ".") for t in config.exclude] or None
+  else:  # our regexes match paths without the prefix: name the modules instead
+    target_modules = sorted({name for name, _, _, _ in modules})
+    exclude_modules = None
+  peft_config = {
+      "peft_type": "LORA", "task_type": task_type,
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": int(r), "lora_alpha": float(lora_alpha), "use_rslora": bool(config.rslora),
+      "lora_dropout": float(config.dropout), "target_modules": target_modules,
+      "exclude_modules": exclude_modules, "rank_pattern": rank_pattern,
+      "alpha_pattern": alpha_pattern, "fan_in_fan_out": family == "gpt2", "bias": "none",
+      "modules_to_save": [prefix + dotted(path) for path, _ in saved] or None,
+      "init_lora_weights": True, "use_dora": False, "inference_mode": True,
+  }
+  _check_patterns_resolve(modules, peft_config)
+  os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+  with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as handle:
+    json.dump(peft_config, handle, indent=2, sort_keys=True)
+  return peft_config
+
+
+def _check_patterns_resolve(modules: list[tuple[str, int, float, str]],
+                            peft_config: Mapping[str, Any]) -> None:
+  """Every module must get back its rank and alpha under PEFT's pattern rule."""
+  for name, rank, alpha, path in modules:
+    rank_key = peft_pattern_key(list(peft_config["rank_pattern"]), name)
+    alpha_key = peft_pattern_key(list(peft_config["alpha_pattern"]), name)
+    got_rank = peft_config["rank_pattern"][rank_key] if rank_key else peft_config["r"]
+    got_alpha = peft_config["alpha_pattern"][alpha_key] if alpha_key else peft_config["lora_alpha"]
+    if got_rank != rank or got_alpha != alpha:
+      raise ValueError(f"module {name} (from {path}) would load with r={got_rank}, "
+                       f"alpha={got_alpha} instead of r={rank}, alpha={alpha}: its name is a "
+                       f"suffix of another module's pattern key")
+
+
+# ------------------------------------------------------------------------------------- import
+
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layers_to_transform": None,
+                "layer_replication": None, "target_parameters": None,
+                "trainable_token_indices": None}
+
+
+def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
+  """The ``adapter_config.json`` of a PEFT LoRA adapter, checked for what we can represent."""
+  path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
+  try:
+    with open(path, encoding="utf-8") as handle:
+      peft_config = json.load(handle)
+  except ValueError as error:
+    raise CheckpointCorruptError(f"{path} is not valid JSON: {error}") from error
+  if peft_config.get("peft_type") != "LORA":
+    raise ValueError(f"{path}: peft_type is {peft_config.get('peft_type')!r}, only 'LORA' is "
+                     "supported")
+  for field, default in _UNSUPPORTED.items():
+    if peft_config.get(field, default) not in (default, [], {}):
+      note = (" (PEFT's use_dora is weight-decomposed DoRA, not lorapro_jax's dynamic rank)"
+              if field == "use_dora" else "")
+      raise ValueError(f"{path}: {field}={peft_config[field]!r} is not supported (expected "
+                       f"{default!r}){note}")
+  return peft_config
+
+
+def _read_tensors(directory: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  path = os.path.join(directory, ADAPTER_WEIGHTS)
+  if not os.path.exists(path):
+    pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if
+               os.path.exists(os.path.join(directory, n))]
+    raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}"
+                            + (f" ({pickled[0]} is a pickle; it is never read: convert it to "
+                               "safetensors)" if pickled else ""))
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, ValueError) as error:
+    raise CheckpointCorruptError(f"cannot read {path}: {error}") from error
+
+
+def _flax_param(module_path: Path, name: str, value: np.ndarray, like_node: Any,
+                family: str | None) -> tuple[str, np.ndarray]:
+  """The Flax name and value of the PyTorch param ``name`` of a module saved in full."""
+  if name == "bias":
+    return "bias", value
+  if name != "weight":
+    raise ValueError(f"cannot map the PyTorch param {dotted(module_path)}.{name} to Flax")
+  existing = set(like_node) if isinstance(like_node, Mapping) else set()
+  if "embedding" in existing:
+    return "embedding", value
+  if value.ndim == 2:
+    return "kernel", value.T
+  if "scale" in existing or "weight" in existing:
+    return ("scale" if "scale" in existing else "weight"), value
+  return (_NORM_SCALE[family] if family else "weight"), value
+
+
+def _lookup(tree: Any, path: Path) -> Any:
+  node = tree
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
+def _put(tree: dict, path: Path, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def import_peft(directory: str | os.PathLike, *, family: str | None = None, prefix: str = "",
+                like: Any = None, dtype: Any = np.float32) -> tuple[dict, LoRAConfig]:
+  """Reads a PEFT LoRA adapter into our layout: ``(trainable tree, LoRAConfig)``.
+
+  Module names lose ``base_model.model.`` and ``prefix`` and become Flax paths; each module's
+  rank (from its factors) and alpha (PEFT's ``alpha_pattern`` rule) go into the config's
+  ``rank_pattern`` / ``alpha_pattern`` when they differ from ``r`` / ``lora_alpha``, so
+  ``config.scale_for(path)`` is PEFT's scale of that module. ``modules_to_save`` weights come back
+  as Flax params (``weight`` -> transposed ``kernel`` for 2-D, LayerNorm ``scale`` per ``family``).
+
+  Args:
+    like: optional tree of the expected trainable layout (e.g. ``init_adapters`` output): every
+      leaf's path and shape must match, else :class:`CheckpointMismatchError` naming each
+      difference (and nothing is returned); it also settles Flax names of saved modules.
+    dtype: dtype of the returned arrays.
+  """
+  _check_prefix(prefix)
+  if family is not None:
+    _check_family(family)
+  directory = os.fspath(directory)
+  peft_config = read_peft_config(directory)
+  tensors = _read_tensors(directory)
+  factors: dict[str, dict[str, np.ndarray]] = {}
+  saved_params: list[tuple[str, np.ndarray]] = []
+  for key, value in tensors.items():
+    if not key.startswith(PEFT_PREFIX):
+      raise ValueError(f"{ADAPTER_WEIGHTS}: key {key!r} does not start with {PEFT_PREFIX!r}")
+    rest = key[len(PEFT_PREFIX):]
+    match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", rest)
+    if match:
+      factors.setdefault(match.group(1), {})[match.group(2)] = value
+    elif ".lora_" in rest:
+      raise ValueError(f"{ADAPTER_WEIGHTS}: unsupported LoRA tensor {key!r} (only lora_A / "
+                       "lora_B of linear layers)")
+    else:
+      saved_params.append((rest, value))
+
+  def strip(name: str) -> Path:
+    if not name.startswith(prefix):
+      raise ValueError(f"module {name!r} does not start with prefix {prefix!r}")
+    return tuple(name[len(prefix):].split("."))
+
+  r, lora_alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
+  rank_pattern_peft = peft_config.get("rank_pattern") or {}
+  alpha_pattern_peft = peft_config.get("alpha_pattern") or {}
+  adapters: dict = {}
+  rank_pattern, alpha_pattern = {}, {}
+  for name, pair in factors.items():
+    if set(pair) != {"A", "B"}:
+      raise CheckpointCorruptError(f"module {name}: only lora_{''.join(pair)} present")
+    a, b = pair["A"], pair["B"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+      raise CheckpointCorruptError(f"module {name}: lora_A {a.shape} and lora_B {b.shape} are not "
+                                   "(r, n_in) and (n_out, r)")
+    rank = a.shape[0]
+    rank_key = peft_pattern_key(list(rank_pattern_peft), name)
+    expected = int(rank_pattern_peft[rank_key]) if rank_key else r
+    if rank != expected:
+      raise CheckpointMismatchError(f"module {name} has rank {rank} in {ADAPTER_WEIGHTS} but "
+                                    f"{expected} by its config (r / rank_pattern)")
+    alpha_key = peft_pattern_key(list(alpha_pattern_peft), name)
+    alpha = float(alpha_pattern_peft[alpha_key]) if alpha_key else lora_alpha
+    path = strip(name)
+    _put(adapters, path, {DEFAULT_KEYS.a: np.asarray(a.T, dtype),
+                          DEFAULT_KEYS.b: np.asarray(b.T, dtype)})
+    if rank != r:
+      rank_pattern[dotted(path)] = rank
+    if alpha != lora_alpha:
+      alpha_pattern[dotted(path)] = alpha
+  if not factors:
+    raise ValueError(f"{ADAPTER_WEIGHTS} holds no lora_A / lora_B tensor")
+
+  saved_roots = []
+  for entry in peft_config.get("modules_to_save") or ():
+    roots = {name.rsplit(".", 1)[0] for name, _ in saved_params
+             if name.rsplit(".", 1)[0] == entry or name.rsplit(".", 1)[0].endswith("." + entry)}
+    saved_roots += sorted(roots)
+  for name, value in saved_params:
+    module, param = name.rsplit(".", 1)
+    if module not in saved_roots:
+      raise ValueError(f"{ADAPTER_WEIGHTS}: {PEFT_PREFIX}{name} is neither a LoRA factor nor in "
+                       f"modules_to_save {peft_config.get('modules_to_save')}")
+    path = strip(module)
+    flax_name, flax_value = _flax_param(path, param, value, _lookup(like, path), family)
+    _put(adapters, path + (flax_name,), np.asarray(flax_value, dtype))
+
+  paths = [strip(name) for name in factors]
+  targets = peft_config.get("target_modules")
+  excluded = peft_config.get("exclude_modules") or ()
+  if isinstance(targets, list) and targets and all(
+      any(path_matches(t, p) for p in paths) for t in targets) and all(
+          any(path_matches(t, p) for t in targets) for p in paths):
+    excluded = [excluded] if isinstance(excluded, str) else list(excluded)
+  else:  # a regex over PyTorch names, or names that do not fit our paths: list the modules
+    targets, excluded = sorted(dotted(p) for p in paths), []
+  config = LoRAConfig(
+      rank=r, alpha=lora_alpha, rslora=bool(peft_config.get("use_rslora", False)),
+      dropout=float(peft_config.get("lora_dropout") or 0.0), targets=tuple(targets),
+      exclude=tuple(excluded), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+      modules_to_save=tuple(dotted(strip(m)) for m in saved_roots),
+      transposed_kernels=tuple(targets) if peft_config.get("fan_in_fan_out") else (),
+      param_dtype=dtype)
+  if like is not None:
+    _check_like(adapters, like, directory)
+  return adapters, config
+
+
+def _check_like(tree: Any, like: Any, directory: str) -> None:
+  got = {path: np.shape(leaf) for path, leaf in named_leaves(tree)}
+  want = {path: tuple(np.shape(leaf)) for path, leaf in named_leaves(like)}
+  problems = [f"{'/'.join(p)}: missing from the adapter" for p in want if p not in got]
+  problems += [f"{'/'.join(p)}: in the adapter but not expected" for p in got if p not in want]
+  problems += [f"{'/'.join(p)}: adapter {got[p]} vs expected {want[p]}"
+               for p in want if p in got and got[p] != want[p]]
+  if problems:
+    raise CheckpointMismatchError(f"PEFT adapter in {directory} does not fit the expected layout; "
+                                  f"nothing was loaded ({len(problems)} differences): "
+                                  + "; ".join(problems[:20]))
+
+
+# ------------------------------------------------------------------------------- merged export
+
+
+def export_merged(params: Any, config: LoRAConfig, directory: str | os.PathLike, *,
+                  hf_model: Any, safe_serialization: bool = False) -> Any:
+  """Saves the base with the adapters folded in (``lorapro_jax.inject.merge``) as a Hugging Face
+  Flax checkpoint: ``config.json`` + ``flax_model.msgpack`` (or ``model.safetensors``), loadable
+  by ``Flax<Model>.from_pretrained`` and by PyTorch's ``<Model>.from_pretrained(...,
+  from_flax=True)``; no adapter code is needed to run it. Returns the merged params.
+
+  Args:
+    params: the full param tree with adapters (``combine(base, trainable)``).
+    config: the LoRAConfig (scales, transposed GPT-2 kernels).
+    hf_model: the ``FlaxPreTrainedModel`` whose architecture the params belong to (its config is
+      saved; its ``params`` give the layout the merged tree must have).
+  """
+  from lorapro_jax.inject import merge
+  merged = merge(params, config)
+  expected = {path: tuple(x.shape) for path, x in named_leaves(hf_model.params_shape_tree)}
+  got = {path: tuple(np.shape(x)) for path, x in named_leaves(merged)}
+  if expected != got:
+    differing = sorted(set(expected) ^ set(got)) + sorted(
+        p for p in set(expected) & set(got) if expected[p] != got[p])
+    raise ValueError(f"merged params do not have the layout of {type(hf_model).__name__}: "
+                     + ", ".join("/".join(p) for p in differing[:10]))
+  hf_model.save_pretrained(os.fspath(directory), params=jax.device_get(merged),
+                           safe_serialization=safe_serialization)
+  return merged

@@ -1,0 +1,499 @@
+"""LoRA-Pro: parity with the float64 reference vectors, the optax transforms, state, sharding."""
+import os
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from lorapro_jax import equivalent_gradient, lora_pro, lora_pro_adjust, lora_pro_project
+from lorapro_jax.adapters import AdapterKeys
+from lorapro_jax.lora_pro import sylvester_y
+
+# Jitted once per module: eager dispatch of the many small ops dominates otherwise.
+adjust = jax.jit(lora_pro_adjust, static_argnames=("x_mode", "ridge"))
+jit_sylvester_y = jax.jit(sylvester_y, static_argnames=("ridge",))
+jit_equivalent = jax.jit(equivalent_gradient, static_argnames=("ridge",))
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "lorapro_v1.npz")
+TOLERANCE = {True: (1e-7, 1e-7), False: (2e-4, 2e-3)}  # x64: (single step, trajectories)
+
+
+@pytest.fixture(scope="module")
+def ref():
+  with np.load(DATA) as data:
+    return {key: data[key] for key in data.files}
+
+
+def case_names():
+  with np.load(DATA) as data:
+    return [str(name) for name in data["meta/case_names"]]
+
+
+def assert_close(got, expected, rtol, what=""):
+  """Norm-wise ``‖got − exp‖ / ‖exp‖ <= rtol``; an all-zero expectation must be matched exactly."""
+  got = np.asarray(got, np.float64)
+  assert got.shape == expected.shape, (what, got.shape, expected.shape)
+  norm = np.linalg.norm(expected)
+  if norm == 0:
+    np.testing.assert_array_equal(got, 0.0, err_msg=what)
+  else:
+    error = np.linalg.norm(got - expected) / norm
+    assert error <= rtol, f"{what}: relative error {error:.3e} > {rtol:.1e}"
+
+
+def hparams(ref):
+  return {str(name): float(value) for name, value in zip(ref["meta/hparam_names"],
+                                                          ref["traj/hparams"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-step closed forms
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("case", case_names())
+def test_single_step_parity(ref, case, x64):
+  rtol = TOLERANCE[x64][0]
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    a, b, grad_a, grad_b, s = (jnp.asarray(ref[f"{case}/{k}"], dtype)
+                               for k in ("A", "B", "gA_l", "gB_l", "s"))
+    for x_mode in ("zero", "sylvester"):
+      new_a, new_b = adjust(a, b, grad_a, grad_b, s, x_mode=x_mode, ridge=float(ref["meta/delta"]))
+      assert new_a.dtype == dtype
+      assert_close(new_a, ref[f"{case}/expected_gA_{x_mode}"], rtol, f"{case} gA {x_mode}")
+      assert_close(new_b, ref[f"{case}/expected_gB_{x_mode}"], rtol, f"{case} gB {x_mode}")
+    assert_close(jit_sylvester_y(a, b, grad_a, grad_b, s), ref[f"{case}/expected_Y_sylvester"], rtol,
+                 f"{case} Y")
+    assert_close(jit_equivalent(a, b, grad_a, grad_b, s), ref[f"{case}/expected_g_eq"], rtol,
+                 f"{case} g_eq")
+
+
+def test_stacked_case_is_vmapped_pairs(ref):
+  """Every slice of a stacked pair is independent: stacked call == vmap == per-slice calls."""
+  stacked = [k for k in case_names() if ref[f"{k}/A"].ndim == 3]
+  assert stacked, "the reference holds a stacked case"
+  for case in stacked:
+    a, b, grad_a, grad_b = (jnp.asarray(ref[f"{case}/{k}"], jnp.float32)
+                            for k in ("A", "B", "gA_l", "gB_l"))
+    s = float(ref[f"{case}/s"])
+    together = adjust(a, b, grad_a, grad_b, s)
+    mapped = jax.jit(jax.vmap(lambda *p: lora_pro_adjust(*p, s)))(a, b, grad_a, grad_b)
+    for i in range(a.shape[0]):
+      alone = adjust(a[i], b[i], grad_a[i], grad_b[i], s)
+      for got_t, got_m, one in zip(together, mapped, alone):
+        np.testing.assert_allclose(got_t[i], one, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_m[i], one, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 15-step trajectories
+# ---------------------------------------------------------------------------------------------
+
+
+def _trajectory_problem(ref, dtype):
+  hp = hparams(ref)
+  x, y, k0, a0 = (jnp.asarray(ref[f"traj/{k}"], dtype) for k in ("x", "y", "K0", "A0"))
+  s = hp["s"]
+
+  def loss_of_kernel(kernel):
+    return 0.5 * jnp.mean(jnp.sum((x @ kernel - y) ** 2, axis=-1))
+
+  def loss(params):
+    pair = params["layer"]
+    return loss_of_kernel(k0 + s * pair["lora_a"] @ pair["lora_b"])
+
+  params = {"layer": {"lora_a": a0, "lora_b": jnp.zeros((int(hp["r"]), int(hp["n_out"])), dtype)}}
+  return hp, params, loss, loss_of_kernel
+
+
+def _run(optimizer, params, loss, steps, record=None):
+  state = optimizer.init(params)
+  history = [params]
+  losses = [loss(params)]
+  records = []
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, (record(grads, params) if record else 0)
+
+  for _ in range(steps):
+    params, state, extra = step(params, state)
+    history.append(params)
+    losses.append(loss(params))
+    records.append(extra)
+  stack = lambda key: np.stack([np.asarray(p["layer"][key]) for p in history])
+  return stack("lora_a"), stack("lora_b"), np.asarray(losses), records
+
+
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("mode", ["efficient", "full", "sgd"])
+def test_trajectory_parity(ref, mode, x64):
+  rtol = TOLERANCE[x64][1]
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    hp, params, loss, _ = _trajectory_problem(ref, dtype)
+    steps, s, ridge = int(hp["n_steps"]), hp["s"], hp["delta"]
+    if mode == "sgd":
+      optimizer = optax.chain(lora_pro_project(s, ridge=ridge), optax.sgd(hp["sgd_lr"]))
+    else:
+      optimizer = lora_pro(hp["lr"], s, mode=mode, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
+                           weight_decay=hp["weight_decay"], ridge=ridge)
+
+    def record(grads, params):
+      pair, raw = params["layer"], grads["layer"]
+      direction = lora_pro_adjust(pair["lora_a"], pair["lora_b"], raw["lora_a"], raw["lora_b"], s,
+                                  ridge=ridge)
+      y = sylvester_y(pair["lora_a"], pair["lora_b"], raw["lora_a"], raw["lora_b"], s, ridge=ridge)
+      g_eq = equivalent_gradient(pair["lora_a"], pair["lora_b"], raw["lora_a"], raw["lora_b"], s,
+                                 ridge=ridge)
+      return direction, y, g_eq
+
+    a, b, losses, records = _run(optimizer, params, loss, steps, record)
+    assert_close(a, ref[f"traj/{mode}/A"], rtol, f"{mode} A")
+    assert_close(b, ref[f"traj/{mode}/B"], rtol, f"{mode} B")
+    assert_close(losses, ref[f"traj/{mode}/loss"], rtol, f"{mode} loss")
+    for t in range(steps):
+      assert_close(a[t + 1], ref[f"traj/{mode}/A"][t + 1], rtol, f"{mode} A step {t + 1}")
+      assert_close(b[t + 1], ref[f"traj/{mode}/B"][t + 1], rtol, f"{mode} B step {t + 1}")
+    if mode == "full":
+      assert_close(np.stack([r[2] for r in records]), ref["traj/full/g_eq"], rtol, "full g_eq")
+    else:  # the closed-form direction and Y actually used at every step
+      assert_close(np.stack([r[0][0] for r in records]), ref[f"traj/{mode}/dA"], rtol, "dA")
+      assert_close(np.stack([r[0][1] for r in records]), ref[f"traj/{mode}/dB"], rtol, "dB")
+      assert_close(np.stack([r[1] for r in records]), ref[f"traj/{mode}/Y"], rtol, "Y")
+    # Exact zeros: B_0 = 0 gives a zero A-direction and Y at step 1.
+    np.testing.assert_array_equal(ref[f"traj/{mode}/dA"][0], 0.0)
+    np.testing.assert_array_equal(np.asarray(records[0][0][0]), 0.0)
+    np.testing.assert_array_equal(np.asarray(records[0][1]), 0.0)
+    if mode == "efficient":
+      assert_close(a[1], (1 - hp["lr"] * hp["weight_decay"]) * ref["traj/A0"], rtol, "A_1")
+
+
+@pytest.mark.parametrize("x64", [True, False])
+def test_trajectory_baselines_match_optax_adamw(ref, x64):
+  """The harness itself (gradients, loss) reproduces plain LoRA and full fine-tuning."""
+  rtol = TOLERANCE[x64][1]
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    hp, params, loss, loss_of_kernel = _trajectory_problem(ref, dtype)
+    adamw = optax.adamw(hp["lr"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
+                        weight_decay=hp["weight_decay"])
+    a, b, losses, _ = _run(adamw, params, loss, int(hp["n_steps"]))
+    assert_close(a, ref["traj/lora_adamw/A"], rtol, "lora A")
+    assert_close(b, ref["traj/lora_adamw/B"], rtol, "lora B")
+    assert_close(losses, ref["traj/lora_adamw/loss"], rtol, "lora loss")
+    kernel = jnp.asarray(ref["traj/K0"], dtype)
+    state = adamw.init(kernel)
+    kernels = [kernel]
+    update = jax.jit(lambda k, st: adamw.update(jax.grad(loss_of_kernel)(k), st, k))
+    for _ in range(int(hp["n_steps"])):
+      updates, state = update(kernel, state)
+      kernel = optax.apply_updates(kernel, updates)
+      kernels.append(kernel)
+    assert_close(np.stack(kernels), ref["traj/full_ft/K"], rtol, "full_ft K")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms on trees
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_tree(seed, dtype=jnp.float32):
+  """Two pairs of different ranks (one stacked), a gated pair and a non-LoRA head."""
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed), 32))
+  normal = lambda shape: jax.random.normal(next(keys), shape, dtype)
+  params = {
+      "encoder": {
+          "query": {"lora_a": normal((12, 4)), "lora_b": normal((4, 10))},
+          "mlp": {"lora_a": normal((3, 10, 2)), "lora_b": normal((3, 2, 14))},
+      },
+      "gated": {"lora_a": normal((8, 4)), "lora_b": normal((4, 6)),
+                "lora_c": jnp.array([0.5, 0.0, -1.5, 2.0], dtype)},
+      "head": {"kernel": normal((10, 3)), "bias": normal((3,))},
+  }
+  grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape, dtype), params)
+  return params, grads
+
+
+SCALES = {"encoder": {"query": 2.0, "mlp": 0.5}, "gated": 4.0}
+
+
+def test_project_batches_pairs_like_single_calls():
+  params, grads = _random_tree(0)
+  out, _ = jax.jit(lora_pro_project(SCALES).update)(grads, optax.EmptyState(), params)
+  for path in (("encoder", "query"), ("encoder", "mlp")):
+    node, raw, got = (t[path[0]][path[1]] for t in (params, grads, out))
+    expected = adjust(node["lora_a"], node["lora_b"], raw["lora_a"], raw["lora_b"],
+                               SCALES[path[0]][path[1]])
+    np.testing.assert_allclose(got["lora_a"], expected[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["lora_b"], expected[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out["head"]["kernel"], grads["head"]["kernel"])
+  np.testing.assert_array_equal(out["gated"]["lora_c"], grads["gated"]["lora_c"])
+
+
+def test_one_batched_eigh_per_rank_group():
+  """The r x r algebra is batched: one eigh for the rank-4 pairs, one for the rank-2 pair."""
+  params, grads = _random_tree(0)
+  jaxpr = jax.make_jaxpr(lambda g, p: lora_pro_project(SCALES).update(g, optax.EmptyState(), p))(
+      grads, params)
+
+  def equations(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for value in eqn.params.values():
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          yield from equations(inner)
+
+  eighs = [eqn for eqn in equations(jaxpr.jaxpr) if eqn.primitive.name == "eigh"]
+  shapes = sorted(tuple(eqn.invars[0].aval.shape) for eqn in eighs)
+  # rank 4: query + gated, A- and B-Grams -> 4 matrices; rank 2: the stacked pair (3) x 2 -> 6.
+  assert shapes == [(4, 4, 4), (6, 2, 2)], shapes
+
+
+def test_gated_pair_is_the_pair_with_gates_folded_in():
+  """LoRA-Pro on (A, B, c) adjusts A and B as the pair (A·diag(c), diag(c)·B); c passes through.
+
+  Checked against the tangent projection of the true kernel gradient of a gated layer, and zero
+  gates give exactly zero gradients for their components.
+  """
+  with jax.enable_x64(True):
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    x, target = (jax.random.normal(k, shape, jnp.float64)
+                 for k, shape in zip(keys[:2], [(20, 8), (20, 6)]))
+    params, _ = _random_tree(1, jnp.float64)
+    node = params["gated"]
+    s = SCALES["gated"]
+    kernel_loss = lambda k: jnp.mean((x @ k - target) ** 2)
+    merged = lambda n: n["lora_a"] @ jnp.diag(n["lora_c"]) @ n["lora_b"] * s
+    grads = jax.grad(lambda n: kernel_loss(merged(n)))(node)
+    out, _ = jax.jit(lora_pro_project(s).update)({"gated": grads}, optax.EmptyState(),
+                                                 {"gated": node})
+    out = out["gated"]
+    np.testing.assert_array_equal(out["lora_c"], grads["lora_c"])
+    c = node["lora_c"]
+    a_eff, b_eff = node["lora_a"] * c, c[:, None] * node["lora_b"]
+    g = jax.grad(kernel_loss)(merged(node))
+    g_eq = s * (out["lora_a"] @ b_eff + a_eff @ out["lora_b"])
+    live = np.asarray(c) != 0
+    a_live, b_live = np.asarray(a_eff)[:, live], np.asarray(b_eff)[live]
+    p_a = a_live @ np.linalg.inv(a_live.T @ a_live) @ a_live.T
+    p_b = b_live.T @ np.linalg.inv(b_live @ b_live.T) @ b_live
+    g = np.asarray(g)
+    assert_close(g_eq, p_a @ g + g @ p_b - p_a @ g @ p_b, 1e-6, "gated g_eq")
+    np.testing.assert_array_equal(np.asarray(out["lora_a"])[:, ~live], 0.0)
+    np.testing.assert_array_equal(np.asarray(out["lora_b"])[~live], 0.0)
+
+
+def test_custom_keys_and_scale_tree():
+  params, grads = _random_tree(2)
+  rename = lambda t: {"q": {"kernel_lora_a": t["encoder"]["query"]["lora_a"],
+                            "kernel_lora_b": t["encoder"]["query"]["lora_b"]}}
+  keys = AdapterKeys(a="kernel_lora_a", b="kernel_lora_b")
+  out, _ = jax.jit(lora_pro_project({"q": 3.0}, keys=keys).update)(
+      rename(grads), optax.EmptyState(), rename(params))
+  node, raw = params["encoder"]["query"], grads["encoder"]["query"]
+  expected = adjust(node["lora_a"], node["lora_b"], raw["lora_a"], raw["lora_b"], 3.0)
+  np.testing.assert_allclose(out["q"]["kernel_lora_a"], expected[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["q"]["kernel_lora_b"], expected[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_non_lora_leaves_get_plain_adamw(mode):
+  params, grads = _random_tree(4)
+  hyper = dict(b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1)
+  ours = lora_pro(1e-2, SCALES, mode=mode, **hyper)
+  reference = optax.adamw(1e-2, **hyper)
+  others = lambda t: {"head": t["head"], "c": t["gated"]["lora_c"]}
+  state, ref_state = ours.init(params), reference.init(others(params))
+  update = jax.jit(ours.update)
+  for step in range(3):
+    step_grads = jax.tree.map(lambda g: g * (step + 1.0), grads)
+    updates, state = update(step_grads, state, params)
+    expected, ref_state = reference.update(others(step_grads), ref_state, others(params))
+    chex.assert_trees_all_close(others(updates), expected, rtol=1e-6, atol=1e-7)
+    params = optax.apply_updates(params, updates)
+
+
+def test_full_mode_with_identity_inner_is_the_adjusted_gradient():
+  """g_eq lies in the tangent space and has the raw gradients of G: projecting it back gives
+  LoRA-Pro's adjusted gradients again (Sylvester Y), so full mode with an identity inner and no
+  decay steps by exactly −lr·(gA, gB)."""
+  with jax.enable_x64(True):
+    params, grads = _random_tree(5, jnp.float64)
+    pairs = {"encoder": params["encoder"]}
+    raw = {"encoder": grads["encoder"]}
+    optimizer = lora_pro(0.1, SCALES, mode="full", inner=optax.identity())
+    updates, _ = jax.jit(optimizer.update)(raw, optimizer.init(pairs), pairs)
+    adjusted, _ = jax.jit(lora_pro_project(SCALES).update)(raw, optax.EmptyState(), pairs)
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.1 * g, adjusted), rtol=1e-6)
+
+
+def test_full_mode_inner_adam_equals_default():
+  params, grads = _random_tree(6)
+  hyper = dict(b1=0.85, b2=0.95, eps=1e-7, weight_decay=0.05)
+  default = lora_pro(3e-3, SCALES, mode="full", **hyper)
+  explicit = lora_pro(3e-3, SCALES, mode="full", inner=optax.scale_by_adam(0.85, 0.95, 1e-7),
+                      **hyper)
+  states = [default.init(params), explicit.init(params)]
+  updates = [jax.jit(default.update), jax.jit(explicit.update)]
+  for step in range(3):
+    step_grads = jax.tree.map(lambda g: jnp.sin(g + step), grads)
+    (u1, states[0]), (u2, states[1]) = (update(step_grads, st, params)
+                                        for update, st in zip(updates, states))
+    chex.assert_trees_all_close(u1, u2, rtol=1e-6, atol=1e-8)
+    params = optax.apply_updates(params, u1)
+  # the full-rank moments have the kernel's shape, stack axes kept
+  mu = states[0][0].inner.mu
+  assert mu["encoder"]["mlp"].shape == (3, 10, 14)
+  assert mu["gated"].shape == (8, 6)
+
+
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_learning_rate_schedule(mode):
+  """Updates are linear in the learning rate: a schedule gives schedule(t) x the unit-lr update."""
+  params, grads = _random_tree(7)
+  schedule = optax.linear_schedule(1e-2, 1e-3, transition_steps=4)
+  scheduled = lora_pro(schedule, SCALES, mode=mode, weight_decay=0.1)
+  unit = lora_pro(1.0, SCALES, mode=mode, weight_decay=0.1)
+  s1, s2 = scheduled.init(params), unit.init(params)
+  update_scheduled, update_unit = jax.jit(scheduled.update), jax.jit(unit.update)
+  for step in range(4):
+    step_grads = jax.tree.map(lambda g: g + step, grads)
+    u1, s1 = update_scheduled(step_grads, s1, params)
+    u2, s2 = update_unit(step_grads, s2, params)
+    chex.assert_trees_all_close(u1, jax.tree.map(lambda u: schedule(step) * u, u2), rtol=1e-5,
+                                atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_state_round_trips_through_orbax(tmp_path, mode):
+  params, grads = _random_tree(8)
+  optimizer = lora_pro(1e-2, SCALES, mode=mode)
+  update = jax.jit(optimizer.update)
+  _, state = update(grads, optimizer.init(params), params)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "state", state)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "state", state)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  chex.assert_trees_all_equal(restored, state)
+  next_grads = jax.tree.map(lambda g: -g, grads)
+  chex.assert_trees_all_equal(update(next_grads, restored, params),
+                              update(next_grads, state, params))
+
+
+class TestJit(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_transform_reproduces_reference_case(self):
+    with np.load(DATA) as ref:
+      case = "case1"
+      node = {"lora_a": jnp.asarray(ref[f"{case}/A"], jnp.float32),
+              "lora_b": jnp.asarray(ref[f"{case}/B"], jnp.float32)}
+      raw = {"lora_a": jnp.asarray(ref[f"{case}/gA_l"], jnp.float32),
+             "lora_b": jnp.asarray(ref[f"{case}/gB_l"], jnp.float32)}
+      expected = [ref[f"{case}/expected_g{k}_sylvester"] for k in "AB"]
+      s = float(ref[f"{case}/s"])
+    transform = lora_pro_project(s)
+    update = self.variant(lambda g, p: transform.update(g, optax.EmptyState(), p)[0])
+    out = update({"layer": raw}, {"layer": node})["layer"]
+    assert_close(out["lora_a"], expected[0], 2e-4)
+    assert_close(out["lora_b"], expected[1], 2e-4)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_full_mode_step(self):
+    params, grads = _random_tree(9)
+    optimizer = lora_pro(1e-2, SCALES, mode="full", weight_decay=0.1)
+    update = self.variant(optimizer.update)
+    updates, _ = update(grads, optimizer.init(params), params)
+    # one Adam step from zero moments is lr·sign(g_eq) per entry in the full-rank space
+    node, raw = params["encoder"]["query"], grads["encoder"]["query"]
+    g_eq = equivalent_gradient(node["lora_a"], node["lora_b"], raw["lora_a"], raw["lora_b"], 2.0)
+    u = jnp.sign(g_eq) * (jnp.abs(g_eq) / (jnp.abs(g_eq) + 1e-8))
+    direction = adjust(node["lora_a"], node["lora_b"], 2.0 * u @ node["lora_b"].T,
+                                2.0 * node["lora_a"].T @ u, 2.0)
+    for key, d in zip(("lora_a", "lora_b"), direction):
+      np.testing.assert_allclose(updates["encoder"]["query"][key], -1e-2 * (d + 0.1 * node[key]),
+                                 rtol=1e-4, atol=1e-6)
+
+
+def test_bad_input_raises_clear_errors():
+  params, grads = _random_tree(10)
+  with pytest.raises(ValueError, match="x_mode"):
+    lora_pro_project(2.0, x_mode="svd")
+  with pytest.raises(ValueError, match="mode"):
+    lora_pro(1e-3, 2.0, mode="fast")
+  with pytest.raises(ValueError, match="inner"):
+    lora_pro(1e-3, 2.0, inner=optax.identity())
+  with pytest.raises(ValueError, match="ridge"):
+    lora_pro_adjust(jnp.ones((3, 2)), jnp.ones((2, 3)), jnp.ones((3, 2)), jnp.ones((2, 3)), 1.0,
+                    ridge=-1.0)
+  with pytest.raises(ValueError, match="must be > 0"):
+    lora_pro(1e-3, 0.0).init(params)
+  with pytest.raises(KeyError, match="mlp"):
+    lora_pro_project({"encoder": {"query": 2.0}}).update(grads, optax.EmptyState(), params)
+  with pytest.raises(ValueError, match="params"):
+    lora_pro_project(2.0).update(grads, optax.EmptyState())
+  with pytest.raises(ValueError, match=r"\(4, 10\) and \(3, 10\)"):
+    lora_pro_adjust(jnp.ones((4, 10)), jnp.ones((3, 10)), jnp.ones((4, 10)), jnp.ones((3, 10)), 1.0)
+  with pytest.raises(ValueError, match="do not match"):
+    lora_pro_adjust(jnp.ones((4, 2)), jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.ones((2, 3)), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: only r x r Grams cross devices
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sharded_update_matches_and_gathers_no_kernel():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  devices = jax.devices()
+  assert len(devices) == 8, "conftest sets 8 fake CPU devices"
+  mesh = Mesh(np.array(devices), ("model",))
+  n_in, n_out, rank = 64, 48, 4
+  keys = jax.random.split(jax.random.PRNGKey(11), 4)
+  params = {"layer": {"lora_a": jax.random.normal(keys[0], (n_in, rank)),
+                      "lora_b": jax.random.normal(keys[1], (rank, n_out))}}
+  grads = {"layer": {"lora_a": jax.random.normal(keys[2], (n_in, rank)),
+                     "lora_b": jax.random.normal(keys[3], (rank, n_out))}}
+  shardings = {"layer": {"lora_a": NamedSharding(mesh, P("model", None)),
+                         "lora_b": NamedSharding(mesh, P(None, "model"))}}
+  for mode in ("efficient", "full"):
+    optimizer = lora_pro(1e-2, 2.0, mode=mode, weight_decay=0.01)
+    state = optimizer.init(params)
+    expected, _ = jax.jit(optimizer.update)(grads, state, params)
+    sharded_params, sharded_grads = (jax.device_put(t, shardings) for t in (params, grads))
+    update = jax.jit(optimizer.update)
+    got, _ = update(sharded_grads, optimizer.init(sharded_params), sharded_params)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert got["layer"]["lora_a"].sharding.spec == P("model", None)
+    assert got["layer"]["lora_b"].sharding.spec == P(None, "model")
+    hlo = update.lower(sharded_grads, state, sharded_params).compile().as_text()
+    moved = _collective_sizes(hlo)
+    # efficient: only r x r Grams and r-vectors cross devices; full: at most a factor (r x n) from
+    # the projection Aᵀ·U of the kernel-shaped direction, never a kernel.
+    limit = rank * rank if mode == "efficient" else rank * max(n_in, n_out)
+    assert moved and max(moved) <= limit, (mode, moved)
+
+
+def _collective_sizes(hlo: str) -> list[int]:
+  """Element counts of every array produced by a cross-device collective in compiled HLO."""
+  collective = re.compile(r"=\s*(.*?)\s(?:all-gather|all-reduce|all-to-all|collective-permute|"
+                          r"reduce-scatter)(?:-start)?\(")
+  sizes = []
+  for line in hlo.splitlines():
+    found = collective.search(line)
+    if found:
+      for dims in re.findall(r"\w+\[([0-9,]*)\]", found.group(1)):
+        sizes.append(int(np.prod([int(d) for d in dims.split(",") if d])))
+  return sizes
