@@ -73,6 +73,7 @@ def main(argv=None):
   parser.add_argument("--mode", required=True, choices=jax_step.MODES)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--remat", default="none")
+  parser.add_argument("--scan-unroll", type=int, default=1)
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--hlo", action="store_true")
   parser.add_argument("--out", default=None)
@@ -80,7 +81,7 @@ def main(argv=None):
 
   from lorapro_jax.train import TrainState, make_train_step
   model, base, trainable, optimizer, config = jax_step.build(args.scale, args.mode, args.remat,
-                                                             jnp.bfloat16)
+                                                             jnp.bfloat16, args.scan_unroll)
   batch, seq_len = common.SCALES[args.scale]["batch"], common.SCALES[args.scale]["seq_len"]
   tokens = jax.random.randint(jax.random.key(2), (batch, seq_len + 1), 0, config.vocab_size)
   data = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
@@ -91,7 +92,7 @@ def main(argv=None):
   if args.hlo and args.out:
     os.makedirs(args.out, exist_ok=True)
     text = train_step.lower(state, data).compile().as_text()
-    with open(os.path.join(args.out, f"hlo_{args.scale}_{args.mode}.txt"), "w") as f:
+    with open(os.path.join(args.out, f"hlo_{args.scale}_{args.mode}_u{args.scan_unroll}.txt"), "w") as f:
       f.write(text)
   for _ in range(3):
     state, metrics = train_step(state, data)
@@ -101,7 +102,7 @@ def main(argv=None):
     for _ in range(args.steps):
       state, metrics = train_step(state, data)
     jax.block_until_ready((state, metrics))
-  print(f"== profile {args.scale} {args.mode} remat={args.remat}")
+  print(f"== profile {args.scale} {args.mode} remat={args.remat} scan_unroll={args.scan_unroll}")
   summarise(trace_dir, args.steps, args.top)
 
 

@@ -2,10 +2,10 @@
 # All benchmarks of issue 9 (and issue 4's optimizer-update microbenchmark), one process per
 # measurement so that each peak-memory number is clean.
 #
-#   benchmarks/run_all.sh [section ...]      sections: env jax torch micro (default: all four)
+#   benchmarks/run_all.sh [section ...]      sections: env jax torch micro profile (default: the first four)
 #
 # Environment: OUT (results folder, default benchmarks/results/local), SCALES ("1b base"; "tiny" on
-# a CPU), JAX_MODES, TORCH_MODES, STEPS (timed steps, default 10), PY (python, default python3).
+# a CPU), JAX_MODES, TORCH_MODES, PROFILE_MODES, JAX_ARGS (extra jax_step.py flags), STEPS (timed steps, default 10), PY (python, default python3).
 # On the device machine the PyTorch side needs transformers 4.57 / peft / lora-pro-adamw carried as
 # wheels in .whl/ (see benchmarks/README.md); they are installed to /tmp/site when .whl/ exists.
 set -u
@@ -37,7 +37,7 @@ for section in $SECTIONS; do
         echo "== jax $scale $mode" | tee -a "$OUT/jax.log"
         extra=""; [ "$mode" != full ] && extra="--breakdown"
         timeout 400 $PY benchmarks/jax_step.py --scale "$scale" --mode "$mode" --steps "$STEPS" \
-          --out "$OUT" $extra >> "$OUT/jax.log" 2>&1 || echo "FAILED jax $scale $mode (rc $?)" | tee -a "$OUT/jax.log"
+          --out "$OUT" $extra ${JAX_ARGS:-} >> "$OUT/jax.log" 2>&1 || echo "FAILED jax $scale $mode (rc $?)" | tee -a "$OUT/jax.log"
       done; done ;;
     torch)
       for scale in $SCALES; do for mode in $TORCH_MODES; do
@@ -46,10 +46,16 @@ for section in $SECTIONS; do
           --steps "$STEPS" --out "$OUT" >> "$OUT/torch.log" 2>&1 || echo "FAILED torch $scale $mode (rc $?)" | tee -a "$OUT/torch.log"
         tail -n 1 "$OUT/results.jsonl" 2>/dev/null | cut -c1-160
       done; done ;;
+    profile)
+      for scale in $SCALES; do for mode in ${PROFILE_MODES:-lora}; do
+        timeout 400 $PY benchmarks/profile_step.py --scale "$scale" --mode "$mode" --hlo --out "$OUT" ${JAX_ARGS:-} \
+          > "$OUT/profile_${scale}_${mode}.log" 2>&1 || echo "FAILED profile $scale $mode"
+        grep -A 40 "XLA Ops" "$OUT/profile_${scale}_${mode}.log" | head -n 40
+      done; done ;;
     micro)
       tiny=""; [ "$SCALES" = tiny ] && tiny="--tiny"
       timeout 400 $PY benchmarks/lora_pro_update.py $tiny --out "$OUT" 2>&1 | tee "$OUT/micro.log" | tail -n 12 ;;
-    *) echo "unknown section $section (expected env jax torch micro)"; exit 2 ;;
+    *) echo "unknown section $section (expected env jax torch micro profile)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/results.jsonl" ] && $PY benchmarks/report.py "$OUT/results.jsonl" | tee "$OUT/table.md"

@@ -335,11 +335,14 @@ class _Model:
 def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *,
                    out_dir: str = "runs/experiments", tiny: bool = False,
                    random_init: bool = False, mock_data: bool = False,
-                   max_steps: int | None = None, batch_size: int | None = None,
-                   max_examples: int | None = None, progress: bool = True) -> dict[str, Any]:
+                   max_steps: int | None = None, stop_after: int | None = None,
+                   batch_size: int | None = None, max_examples: int | None = None,
+                   progress: bool = True) -> dict[str, Any]:
   """Trains ``method`` on ``config`` with ``seed``; resumes from ``out_dir``'s newest checkpoint.
 
-  Returns the results dict that is also written to ``<run dir>/results.json``.
+  ``max_steps`` shortens the schedule; ``stop_after`` stops (evaluates and checkpoints) at that
+  step of the unchanged schedule, as a pre-empted job would, so a later call resumes it. Returns
+  the results dict that is also written to ``<run dir>/results.json``.
   """
   from lorapro_jax.checkpoint import TrainCheckpointer
   from lorapro_jax.inject import init_adapters, inject, split
@@ -416,7 +419,8 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   eval_every = config.eval_every or total_steps
   try:
     state, results = fit(
-        state, train_step, batches, total_steps, evaluate_fn=evaluate_fn, eval_every=eval_every,
+        state, train_step, batches, min(stop_after or total_steps, total_steps),
+        evaluate_fn=evaluate_fn, eval_every=eval_every,
         best_metric=main_metric, schedule=schedule, log_dir=os.path.join(run_dir, "tb"),
         on_eval=lambda current, metrics: save(current, {main_metric: metrics[main_metric]}),
         progress=progress,
@@ -446,7 +450,8 @@ def main(argv=None) -> None:
   parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
   parser.add_argument("--random-init", action="store_true", help="real size, random weights")
   parser.add_argument("--mock-data", action="store_true", help="tfds mock data (no download)")
-  parser.add_argument("--max-steps", type=int)
+  parser.add_argument("--max-steps", type=int, help="shorten the schedule to this many steps")
+  parser.add_argument("--stop-after", type=int, help="stop at this step (resume later)")
   parser.add_argument("--batch-size", type=int)
   parser.add_argument("--max-examples", type=int)
   args = parser.parse_args(argv)
@@ -458,7 +463,8 @@ def main(argv=None) -> None:
   for seed in args.seed or config.seeds:
     results = run_experiment(config, args.method, seed, out_dir=args.out, tiny=args.tiny,
                              random_init=args.random_init, mock_data=args.mock_data,
-                             max_steps=args.max_steps, batch_size=args.batch_size,
+                             max_steps=args.max_steps, stop_after=args.stop_after,
+                             batch_size=args.batch_size,
                              max_examples=args.max_examples)
     print(f"{config.name} {args.method} seed {seed}: {results['final']}")
 

@@ -10,3 +10,9 @@ from lorapro_jax.dynamic_rank import DynamicRankConfig, DynamicRankState, dem_ac
 from lorapro_jax.lora import LoRAConfig, LoRADense, LoRADenseGeneral, LoRAEinsum
 from lorapro_jax.inject import (combine, count_params, init_adapters, inject, linear_layer_paths,
                                 merge, split, unmerge)
+from lorapro_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError, Restored, TrainCheckpointer, committed_steps, load_adapters, save_adapters
+from lorapro_jax.peft_format import export_merged, export_peft, import_peft, read_peft_config, torch_module_names
+from lorapro_jax.train import TrainState, dem_regularizer, evaluate, fit, make_eval_step, make_optimizer, make_train_step
+from lorapro_jax.schedules import make_schedule
+from lorapro_jax.metrics import accuracy, compute_metrics, exact_match, f1_binary, f1_macro, matthews_corrcoef, pearson, spearman
+from lorapro_jax.sharding import batch_sharding, initialize_distributed, make_mesh, shard_batch, state_shardings

@@ -36,6 +36,7 @@ import numpy as np
 
 from lorapro_jax.data.batching import BatchIterator, eval_batches, tokenize
 from lorapro_jax.data.vader import vader_sentiment
+from lorapro_jax.inject import count_params
 from lorapro_jax.schedules import make_schedule
 from lorapro_jax.train import (TrainState, dem_regularizer, evaluate, fit, make_eval_step,
                                make_optimizer, make_train_step, write_json)
@@ -178,10 +179,6 @@ def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 400, batch_siz
   for method, pattern in ranks.items():
     plot_rank_allocation(pattern, method, os.path.join(out_dir, f"rank_allocation_{method}.png"))
   return payload
-
-
-def count_params(tree: Any) -> int:
-  return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
 
 
 def live_ranks(state: TrainState) -> dict[str, int]:

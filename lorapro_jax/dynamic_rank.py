@@ -18,8 +18,9 @@ Scores are smoothed by an EMA ``S ← β·S + (1−β)·s`` (from 0, no bias cor
 every step up to the last pruning event, from the parameters *after* that step's update (the
 reference calls its allocator right after ``optimizer.step()``).
 
-**Schedule** over T steps (t counts completed updates, 1-based): warm-up to t_i = round(0.15·T),
-pruning events at t_i, t_i + interval, ... and at the last event t_e = T − round(0.5·T). At an
+**Schedule** over T steps (t counts completed updates, 1-based; round() rounds half up): warm-up
+to t_i = round(0.15·T), events at t_i, t_i + interval, ... and at the last event
+t_e = T − round(0.5·T). At an
 event with p = (t − t_i)/(t_e − t_i) the number of live components over ALL adapted kernels is
 ``N − floor((N − R)·p³)`` (N = Σ r', R = Σ r over kernels; for one r', r everywhere this is the
 paper's ``N − floor(N·(r'−r)/r'·p³)``), computed in exact integer arithmetic and chosen by ONE
@@ -91,7 +92,8 @@ def initial_rank(target_rank: int, factor: float = 1.5) -> int:
 
 
 def _round_steps(frac: float, total_steps: int) -> int:
-  return int(round(frac * total_steps))
+  """frac·T rounded half up (Python's round() would send 2.5 to 2 but 3.5 to 4)."""
+  return math.floor(frac * total_steps + 0.5)
 
 
 def last_event_step(total_steps: int, final_frac: float = 0.5) -> int:
@@ -594,32 +596,65 @@ def shrink(adapters: Any, state_or_masks: Any, keys: AdapterKeys = DEFAULT_KEYS)
   return map_adapters(node_fn, adapters, keys=keys)
 
 
+class _Layer(NamedTuple):
+  """A layer column found in a path: ordered by prefix, then index; labelled by both."""
+
+  order: int
+  index: int
+  prefix: str
+
+
+def _split_layer(path: str) -> tuple[str, int | None, tuple[str, ...]]:
+  """(prefix before the first integer element, that integer, the elements after it)."""
+  parts = path.split(".")
+  at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+  if at is None:
+    return "", None, tuple(parts)
+  return ".".join(parts[:at]), int(parts[at]), tuple(parts[at + 1:])
+
+
+def _matrix_labels(tails: set[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+  """Each tail's shortest suffix that no other tail shares (``query``, ``intermediate.dense``)."""
+  labels = {}
+  for tail in tails:
+    length = next((k for k in range(1, len(tail) + 1)
+                   if all(other[-k:] != tail[-k:] for other in tails if other != tail)), len(tail))
+    labels[tail] = ".".join(tail[-length:])
+  return labels
+
+
 def plot_rank_heatmap(rank_pattern_or_state: Any, *, cell=None, title: str | None = None,
                       cmap: str = "viridis"):
   """A heatmap of live ranks, matrix types × layers, like Figure 2 of Mao et al. 2024.
 
   DoRA dynamic rank (not weight-decomposed DoRA). Takes a ``rank_pattern`` dict or a
   ``DynamicRankState``. By default the layer is the first integer element of a dotted path and the
-  matrix type its last element (``encoder.layer.3.attention.self.query`` -> layer 3, ``query``);
-  stacked entries (lists) take the layer from the position in the list. ``cell(path) -> (layer,
-  matrix_type)`` overrides this (e.g. to tell encoder from decoder blocks). Returns a
-  ``matplotlib.figure.Figure`` (no pyplot state is touched).
+  matrix type its last element, lengthened to the shortest unambiguous suffix where the last
+  element repeats (BERT: ``query``, ``attention.output.dense``, ``intermediate.dense``,
+  ``output.dense``); where several prefixes carry layer numbers (T5's ``encoder.block.0`` and
+  ``decoder.block.0``) the prefix is part of the layer label. Stacked entries (lists) take the layer
+  from the position in the list. ``cell(path) -> (layer, matrix_type)`` overrides all this. Returns
+  a ``matplotlib.figure.Figure`` (no pyplot state is touched).
   """
   from matplotlib.figure import Figure  # a plotting dependency only where a plot is drawn
 
   pattern = (rank_pattern(rank_pattern_or_state)
              if isinstance(rank_pattern_or_state, DynamicRankState) else rank_pattern_or_state)
-  cells: dict[tuple[Any, str], int] = {}
+  split = {path: _split_layer(path) for path in pattern}
+  labels = _matrix_labels({tail for _, _, tail in split.values()})
+  prefixes = list(dict.fromkeys(prefix for prefix, layer, _ in split.values() if layer is not None))
 
   def default_cell(path: str):
-    parts = path.split(".")
-    layer = next((int(p) for p in parts if p.isdigit()), None)
+    prefix, layer, tail = split[path]
     if layer is None:
       raise ValueError(f"no integer layer index in adapter path {path!r}; pass cell=")
-    return layer, parts[-1]
+    # Sorted by the prefix's first appearance, then numerically (block 2 before block 10).
+    return _Layer(prefixes.index(prefix), layer, prefix if len(prefixes) > 1 else ""), labels[tail]
 
+  cells: dict[tuple[Any, str], int] = {}
   for path, value in pattern.items():
-    entries = ([((i, path.split(".")[-1]), v) for i, v in enumerate(np.ravel(value))]
+    entries = ([((_Layer(0, i, ""), labels[split[path][2]]), v)
+                for i, v in enumerate(np.ravel(value))]
                if isinstance(value, (list, tuple)) else [((cell or default_cell)(path), value)])
     for key, rank in entries:
       if key in cells:
@@ -628,17 +663,22 @@ def plot_rank_heatmap(rank_pattern_or_state: Any, *, cell=None, title: str | Non
       cells[key] = int(rank)
   if not cells:
     raise ValueError("empty rank pattern: nothing to plot")
-  layers = sorted({k[0] for k in cells}, key=lambda x: (isinstance(x, str), x))
+  kind_rank = lambda x: 0 if isinstance(x, _Layer) else 2 if isinstance(x, str) else 1
+  layers = sorted({k[0] for k in cells}, key=lambda x: (kind_rank(x), x))
+  tick_labels = [f"{x.prefix}.{x.index}" if isinstance(x, _Layer) and x.prefix
+                 else str(x.index if isinstance(x, _Layer) else x) for x in layers]
   kinds = list(dict.fromkeys(k[1] for k in cells))
   grid = np.full((len(kinds), len(layers)), np.nan)
   for (layer, kind), rank in cells.items():
     grid[kinds.index(kind), layers.index(layer)] = rank
 
-  figure = Figure(figsize=(max(4.0, 0.6 * len(layers) + 2), max(2.5, 0.5 * len(kinds) + 1.5)))
+  label_width = 0.08 * max(len(kind) for kind in kinds)
+  figure = Figure(figsize=(max(4.0, 0.6 * len(layers) + 2 + label_width),
+                           max(2.5, 0.5 * len(kinds) + 1.5)), layout="constrained")
   ax = figure.add_subplot()
   image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto")
   figure.colorbar(image, ax=ax, label="live rank")
-  ax.set_xticks(range(len(layers)), [str(x) for x in layers])
+  ax.set_xticks(range(len(layers)), tick_labels)
   ax.set_yticks(range(len(kinds)), kinds)
   ax.set_xlabel("layer")
   ax.set_ylabel("matrix")

@@ -30,17 +30,25 @@ container (``STACK_CONTAINERS``: ``model.layers.{i}.self_attn.q_proj``).
 **Per-module ranks and scales.** Each module is written with its actual rank r_m (the factors'
 shape; after dynamic rank's ``shrink`` ranks differ) and ``alpha_m = s_m·r_m`` (rsLoRA
 ``s_m·sqrt(r_m)``) where ``s_m`` is the scale the adapter was trained with
-(``LoRAConfig.scale_for``), so PEFT's ``alpha_m / r_m`` reproduces ``s_m`` exactly. The most
+(``LoRAConfig.scale_for``), so PEFT's ``alpha_m / r_m`` reproduces ``s_m`` (bit for bit in float64
+whenever a float64 alpha can, else within one float64 ulp). The most
 common rank and alpha become ``r`` and ``lora_alpha``; every other module gets a
 ``rank_pattern`` / ``alpha_pattern`` entry keyed by its full module name.
 
 Example::
 
+  import numpy as np
+  from lorapro_jax import LoRAConfig
   from lorapro_jax.peft_format import export_peft, import_peft
-  export_peft(trainable, config, "adapter", family="bert", prefix="bert.",
-              base_model_name_or_path="bert-base-uncased")
-  # PyTorch: PeftModel.from_pretrained(BertForSequenceClassification..., "adapter")
-  adapters, config = import_peft("adapter", family="bert", prefix="bert.")
+
+  trainable = {"encoder": {"layer": {"0": {"attention": {"self": {"query": {
+      "lora_a": np.ones((12, 4), np.float32), "lora_b": np.ones((4, 12), np.float32)}}}}}}}
+  config = LoRAConfig(rank=4, alpha=8.0, targets=("query",))
+  export_peft(trainable, config, "/tmp/adapter", family="bert", prefix="bert.",
+              base_model_name_or_path="bert-base-uncased", overwrite=True)
+  # -> base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight (4, 12), ...
+  # PyTorch: peft.PeftModel.from_pretrained(BertForSequenceClassification(...), "/tmp/adapter")
+  adapters, config = import_peft("/tmp/adapter", family="bert", prefix="bert.")
 
 Only safetensors and JSON are read; nothing is unpickled.
 """
@@ -147,14 +155,17 @@ def _slices(path: Path, node: Mapping, ranks: Mapping[str, Any] | None):
 
 
 def _alpha_for_scale(scale: float, rank: int, rslora: bool) -> float:
-  """An alpha with ``alpha / r == scale`` (``alpha / sqrt(r)`` for rsLoRA) in float64."""
+  """The float64 alpha whose PEFT scale ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``) is nearest
+  to ``scale``: equal to it whenever some float64 alpha gives it exactly, else one float64 ulp
+  away (a gap of the division), far below float32 resolution."""
   divisor = math.sqrt(rank) if rslora else rank
-  alpha = scale * divisor
-  for _ in range(4):  # at most an ulp or two off; step toward the exact quotient
-    if alpha / divisor == scale:
-      return alpha
-    alpha = math.nextafter(alpha, math.inf if alpha / divisor < scale else -math.inf)
-  return alpha
+  candidates = [scale * divisor]
+  for direction in (math.inf, -math.inf):
+    alpha = candidates[0]
+    for _ in range(3):
+      alpha = math.nextafter(alpha, direction)
+      candidates.append(alpha)
+  return min(candidates, key=lambda alpha: (abs(alpha / divisor - scale), alpha))
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -218,7 +229,7 @@ def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike,
     config: the LoRAConfig the adapters were trained with (scales come from it).
     directory: output directory (created).
     family: the model family (``FAMILIES``): GPT-2 gets ``fan_in_fan_out``, stacked layers their
-      index after ``STACK_CONTAINERS[family]``, saved norms their PyTorch names.
+      index after ``STACK_CONTAINERS[family]``.
     prefix: the PyTorch module prefix of the tree's root (``"bert."`` for FlaxBertModel params
       loaded into a BertForSequenceClassification; ``""`` when the trees correspond).
     base_model_name_or_path, task_type: copied into the PEFT config.

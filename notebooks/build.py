@@ -70,12 +70,13 @@ TINY_LINE = ('TINY = os.environ.get("LORAPRO_NOTEBOOK_TINY") == "1"  '
 QUIET_HF = code("""
     import warnings
 
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm outside Jupyter widgets
+    warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
+
     from transformers.utils import logging as hf_logging
 
     # Keeping only the first NUM_LAYERS layers of MiniLM leaves the others' weights unused: expected.
     hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
-    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm outside Jupyter widgets
 """)
 
 
@@ -284,20 +285,26 @@ LORA_VS_LORAPRO = [
     from lorapro_jax import equivalent_gradient
 
     def cosine(x, y):
-      return float(jnp.vdot(x, y) / (jnp.linalg.norm(x) * jnp.linalg.norm(y)))
+      return jnp.vdot(x, y) / (jnp.linalg.norm(x) * jnp.linalg.norm(y) + 1e-30)
 
     n, s = 64, 2.0
     keys = jax.random.split(jax.random.key(0), 4)
     G = (jax.random.normal(keys[0], (n, 4)) @ jax.random.normal(keys[1], (4, n))
          + 0.5 * jax.random.normal(keys[2], (n, n)))
-    ranks = [1, 2, 4, 8, 16, 32, 48, 64]
+
+    @jax.jit
+    def both_cosines(a, b):
+      grad_a, grad_b = jax.grad(lambda a, b: jnp.vdot(G, s * a @ b), argnums=(0, 1))(a, b)
+      return (cosine(s * (grad_a @ b + a @ grad_b), G),
+              cosine(equivalent_gradient(a, b, grad_a, grad_b, s), G))
+
+    ranks = [1, 2, 4, 8, 16, 32, 64]
     picture = {"LoRA": [], "LoRA-Pro": []}
     for r in ranks:
       key_a, key_b = jax.random.split(jax.random.fold_in(keys[3], r))
-      a, b = 0.3 * jax.random.normal(key_a, (n, r)), 0.3 * jax.random.normal(key_b, (r, n))
-      grad_a, grad_b = jax.grad(lambda a, b: jnp.vdot(G, s * a @ b), argnums=(0, 1))(a, b)
-      picture["LoRA"].append(cosine(s * (grad_a @ b + a @ grad_b), G))
-      picture["LoRA-Pro"].append(cosine(equivalent_gradient(a, b, grad_a, grad_b, s), G))
+      lora, pro = both_cosines(0.3 * jax.random.normal(key_a, (n, r)), 0.3 * jax.random.normal(key_b, (r, n)))
+      picture["LoRA"].append(float(lora))
+      picture["LoRA-Pro"].append(float(pro))
 
     plt.figure(figsize=(6, 3))
     for name, values in picture.items():
@@ -319,11 +326,8 @@ LORA_VS_LORAPRO = [
     from lorapro_jax.adapters import get_path
     from lorapro_jax.train import TrainState, make_optimizer, make_train_step
 
-    def jnp_cosine(x, y):
-      return jnp.vdot(x, y) / (jnp.linalg.norm(x) * jnp.linalg.norm(y) + 1e-30)
-
     def make_alignment(loss, plain, adapted, config, base):
-      \\"\\"\\"jitted (trainable, batch) -> (cos LoRA, cos LoRA-Pro), one entry per adapted kernel.\\"\\"\\"
+      # jitted (trainable, batch) -> (cos LoRA, cos LoRA-Pro), one entry per adapted kernel
       def measure(trainable, batch):
         lora_grads = jax.grad(lambda t: loss(adapted, combine(base, t), batch))(trainable)
         full_grads = jax.grad(lambda p: loss(plain, p, batch))(merge(combine(base, trainable), config))
@@ -332,13 +336,13 @@ LORA_VS_LORAPRO = [
           (a, b), (grad_a, grad_b) = [(get_path(t, path)["lora_a"], get_path(t, path)["lora_b"])
                                       for t in (trainable, lora_grads)]
           scale, full = config.scale_for(path), get_path(full_grads, path)["kernel"]
-          lora.append(jnp_cosine(scale * (grad_a @ b + a @ grad_b), full))
-          pro.append(jnp_cosine(equivalent_gradient(a, b, grad_a, grad_b, scale), full))
+          lora.append(cosine(scale * (grad_a @ b + a @ grad_b), full))
+          pro.append(cosine(equivalent_gradient(a, b, grad_a, grad_b, scale), full))
         return jnp.stack(lora), jnp.stack(pro)
       return jax.jit(measure)
 
     def fit_method(method, base, trainable, loss_fn, learning_rate, steps, batches, config=None,
-              measure=None, measure_batch=None, measure_every=1):
+                   measure=None, measure_batch=None, measure_every=1):
       optimizer = make_optimizer(method, optax.cosine_decay_schedule(learning_rate, steps),
                                  scale=None if config is None else config.scales(trainable))
       state = TrainState.create(base, trainable, optimizer, jax.random.key(0))
@@ -414,7 +418,6 @@ LORA_VS_LORAPRO = [
     md("""
     ### The real task: pretrained MiniLM-L6 on VADER word sentiment
     """),
-    QUIET_HF,
     LOAD_MINILM,
     code("""
     def cross_entropy(module, params, batch):
@@ -499,8 +502,8 @@ DYNAMIC_RANK = [
     MLP output projections.
     """),
     code("""
-    from lorapro_jax import (LoRAConfig, adapter_paths, combine, dem_active, dem_penalty, init_adapters,
-                             initial_rank, inject, pruning_schedule, rank_pattern, split)
+    from lorapro_jax import (LoRAConfig, adapter_paths, combine, init_adapters, initial_rank, inject,
+                             pruning_schedule, rank_pattern, split)
 
     config = LoRAConfig(rank=initial_rank(TARGET_RANK), alpha=2.0 * initial_rank(TARGET_RANK),
                         targets=("query", "key", "value", "output.dense", "intermediate.dense"),
@@ -540,14 +543,13 @@ DYNAMIC_RANK = [
     code("""
     from lorapro_jax.data.batching import BatchIterator
     from lorapro_jax.schedules import make_schedule
-    from lorapro_jax.train import TrainState, make_optimizer, make_train_step
+    from lorapro_jax.train import TrainState, dem_regularizer, make_optimizer, make_train_step
 
     def loss_fn(params, batch, rng):
       logits = model.apply({"params": params}, *inputs(batch))
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean(), logits
 
-    def regularizer(trainable, step):
-      return DEM_WEIGHT * dem_penalty(trainable) * dem_active(step, STEPS)
+    regularizer = dem_regularizer(DEM_WEIGHT, STEPS)  # DEM_WEIGHT * dem_penalty while pruning runs
 
     optimizer = make_optimizer("lora_pro_dynamic_rank", make_schedule("linear", LEARNING_RATE, STEPS, warmup_ratio=0.06),
                                scale=config.scales(trainable), total_steps=STEPS, target_rank=TARGET_RANK,

@@ -202,17 +202,18 @@ def test_norm_ratio_equals_brute_force_and_invariances(rank, n_in, n_out, stack,
   total = np.linalg.norm(components.sum(-3), axis=(-2, -1))
   brute = np.linalg.norm(components, axis=(-2, -1)) / (total[..., None] + 1e-8)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  closed = norm_ratio_scores(f32(a), f32(b), f32(c))
+  scores = jax.jit(norm_ratio_scores)              # one compilation per drawn shape
+  closed = scores(f32(a), f32(b), f32(c))
   np.testing.assert_allclose(closed, brute, rtol=2e-4, atol=1e-6)
   # Scaling every gate by k, or moving a factor k from A[:, i] into c_i, changes nothing.
-  np.testing.assert_allclose(norm_ratio_scores(f32(a), f32(b), f32(3.5 * c)), closed, rtol=1e-5,
+  np.testing.assert_allclose(scores(f32(a), f32(b), f32(3.5 * c)), closed, rtol=1e-5,
                              atol=1e-6)
   k = np.ones(rank); k[0] = 4.0
-  np.testing.assert_allclose(norm_ratio_scores(f32(a / k), f32(b), f32(k * c)), closed, rtol=1e-5,
+  np.testing.assert_allclose(scores(f32(a / k), f32(b), f32(k * c)), closed, rtol=1e-5,
                              atol=1e-6)
   # Plain form: c = 1.
-  np.testing.assert_allclose(norm_ratio_scores(f32(a), f32(b)),
-                             norm_ratio_scores(f32(a), f32(b), jnp.ones(stack + (rank,))))
+  np.testing.assert_allclose(scores(f32(a), f32(b)),
+                             scores(f32(a), f32(b), jnp.ones(stack + (rank,))))
 
 
 def test_zeroing_a_gate_equals_deleting_the_component():
@@ -578,19 +579,35 @@ def test_composes_with_lora_pro_in_the_plain_form():
 
 
 def test_heatmap_cells_are_layers_by_matrix_types():
+  cells = lambda figure: np.asarray(figure.axes[0].images[0].get_array()).tolist()
+  ticks = lambda labels: [t.get_text() for t in labels]
   pattern = {"encoder.layer.0.attention.self.query": 3, "encoder.layer.0.attention.self.value": 1,
              "encoder.layer.1.attention.self.query": 2, "encoder.layer.1.attention.self.value": 0}
   figure = plot_rank_heatmap(pattern)
-  image = figure.axes[0].images[0].get_array()
-  np.testing.assert_array_equal(np.asarray(image), [[3, 2], [1, 0]])
-  assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["query", "value"]
-  stacked = plot_rank_heatmap({"model.layers.q_proj": [4, 2, 1]})
-  np.testing.assert_array_equal(np.asarray(stacked.axes[0].images[0].get_array()), [[4, 2, 1]])
+  assert cells(figure) == [[3, 2], [1, 0]]
+  assert ticks(figure.axes[0].get_yticklabels()) == ["query", "value"]
+  assert ticks(figure.axes[0].get_xticklabels()) == ["0", "1"]
+  # BERT's three "dense" layers get the shortest suffixes that tell them apart.
+  bert = {f"encoder.layer.{i}.{m}": i + 1 for i in (0, 2, 10)
+          for m in ("attention.output.dense", "intermediate.dense", "output.dense")}
+  figure = plot_rank_heatmap(bert)
+  assert ticks(figure.axes[0].get_yticklabels()) == ["attention.output.dense",
+                                                    "intermediate.dense", "output.dense"]
+  assert ticks(figure.axes[0].get_xticklabels()) == ["0", "2", "10"]
+  assert cells(figure) == [[1, 3, 11]] * 3
+  # Stacked (scanned) entries: the position in the list is the layer.
+  assert cells(plot_rank_heatmap({"model.layers.q_proj": [4, 2, 1]})) == [[4, 2, 1]]
+  # Encoder and decoder blocks with the same number are different columns.
+  t5 = plot_rank_heatmap({"encoder.block.0.layer.0.SelfAttention.q": 1,
+                          "decoder.block.0.layer.0.SelfAttention.q": 2,
+                          "decoder.block.0.layer.1.EncDecAttention.q": 3})
+  assert ticks(t5.axes[0].get_xticklabels()) == ["encoder.block.0", "decoder.block.0"]
+  assert ticks(t5.axes[0].get_yticklabels()) == ["SelfAttention.q", "EncDecAttention.q"]
+  assert t5.axes[0].images[0].get_array().filled(-1).tolist() == [[1, 2], [-1, 3]]
   with pytest.raises(ValueError, match="pass cell="):
-    plot_rank_heatmap({"encoder.block.0.q": 1, "decoder.block.0.q": 2})
-  split = plot_rank_heatmap({"encoder.block.0.q": 1, "decoder.block.0.q": 2},
-                            cell=lambda p: (p.split(".")[0] + p.split(".")[2], p.split(".")[-1]))
-  np.testing.assert_array_equal(np.asarray(split.axes[0].images[0].get_array()), [[2, 1]])
+    plot_rank_heatmap({"a.0.q": 1, "b.0.q": 2}, cell=lambda path: (0, "q"))
+  with pytest.raises(ValueError, match="no integer layer index"):
+    plot_rank_heatmap({"head.q": 1})
   state = DynamicRankState(jnp.zeros([], jnp.int32), None,
                            {"layer": {"3": {"q": jnp.array([True, False])}}}, None)
-  assert np.asarray(plot_rank_heatmap(state).axes[0].images[0].get_array()).tolist() == [[1]]
+  assert cells(plot_rank_heatmap(state)) == [[1]]

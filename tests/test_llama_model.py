@@ -70,6 +70,16 @@ def test_remat_changes_nothing(config, hf_model, remat):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_unrolled_layer_loop_changes_nothing(config, hf_model):
+  params = to_ours(hf_model.params, config.num_layers)
+  tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, config.vocab_size)
+  rolled = LlamaForCausalLM(config).apply({"params": params}, tokens)
+  unrolled = LlamaForCausalLM(LlamaConfig.tiny(dtype=jnp.float32, num_layers=config.num_layers,
+                                               scan_unroll=config.num_layers))
+  np.testing.assert_allclose(unrolled.apply({"params": params}, tokens), rolled, rtol=1e-6,
+                             atol=1e-6)
+
+
 def test_causal_mask(config, hf_model):
   params = to_ours(hf_model.params, config.num_layers)
   model = LlamaForCausalLM(config)
@@ -107,5 +117,7 @@ def test_flop_count_matches_parameter_count():
 def test_bad_config_is_rejected():
   with pytest.raises(ValueError, match="remat"):
     LlamaConfig.tiny(remat="sometimes")
+  with pytest.raises(ValueError, match="scan_unroll"):
+    LlamaConfig.tiny(scan_unroll=3)
   with pytest.raises(ValueError, match="num_kv_heads"):
     LlamaConfig.tiny(num_heads=4, num_kv_heads=3)

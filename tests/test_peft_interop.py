@@ -282,9 +282,17 @@ def test_stacked_adapters_export_one_module_per_layer(tmp_path):
 
 @settings(max_examples=50, deadline=None)
 @given(st.floats(1e-3, 1e3), st.integers(1, 512), st.booleans())
-def test_alpha_reproduces_the_scale_exactly(scale, rank, rslora):
+def test_alpha_reproduces_the_scale(scale, rank, rslora):
+  divisor = math.sqrt(rank) if rslora else rank
   alpha = _alpha_for_scale(scale, rank, rslora)
-  assert alpha / (math.sqrt(rank) if rslora else rank) == scale
+  error = abs(alpha / divisor - scale)
+  assert error <= math.ulp(scale)
+  # no float64 alpha within a few ulps does better: the nearest PEFT scale there is
+  for step in (-2, -1, 1, 2):
+    other = alpha
+    for _ in range(abs(step)):
+      other = math.nextafter(other, math.copysign(math.inf, step))
+    assert abs(other / divisor - scale) >= error
 
 
 def _tiny_adapter(tmp_path):
@@ -334,3 +342,50 @@ def test_export_errors_name_the_problem(tmp_path):
   with pytest.raises(ValueError, match=r"holds no adapter node"):
     export_peft({}, config, tmp_path, family="bert")
   assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_scanned_llama_exports_one_module_per_layer(tmp_path):
+  """lorapro_jax.models.llama scans its layers (adapters stacked on a layer axis): the export
+  unstacks them into PEFT's model.layers.{i} modules, also after a per-layer rank shrink."""
+  from lorapro_jax.dynamic_rank import rank_pattern
+  from lorapro_jax.models.llama import LlamaConfig, LlamaForCausalLM
+  hf = Family("llama", str(tmp_path / "base"))
+  params = jax.tree.map(np.asarray, hf.flax.params)
+  layers = [params["model"]["layers"][str(i)] for i in range(hf.config.num_hidden_layers)]
+  base = {"model": {"embed_tokens": params["model"]["embed_tokens"],
+                    "norm": params["model"]["norm"],
+                    "layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)},
+          "lm_head": params["lm_head"]}
+  scanned = LlamaForCausalLM(LlamaConfig(
+      vocab_size=40, hidden_size=12, intermediate_size=20, num_layers=2, num_heads=2,
+      num_kv_heads=1, rms_norm_eps=hf.config.rms_norm_eps, dtype=jnp.float32))
+  ids = hf.args[0]
+  for gated in (False, True):
+    config = preset("llama", rank=4, alpha=8.0, gated=gated)
+    model = inject(scanned, config)
+    trainable = init_adapters(model, base, jax.random.key(6), ids)
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    trainable = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape)
+                                             for k, x in zip(keys, leaves)])
+    assert trainable["model"]["layers"]["self_attn"]["q_proj"]["lora_a"].shape == (2, 12, 4)
+    ranks = None
+    if gated:  # layer-wise live ranks differ; shrink pads each stacked node to its largest
+      masks = jax.tree.map(lambda c: np.arange(4) < np.array([[1], [3]]), trainable,
+                           is_leaf=lambda n: isinstance(n, dict) and "lora_c" in n)
+      masks = map_adapters(lambda path, node: np.arange(4) < np.array([[1], [3]]), trainable)
+      trainable = map_adapters(lambda path, node: {**node, "lora_c": jnp.where(
+          np.arange(4) < np.array([[1], [3]]), node["lora_c"], 0.0)}, trainable)
+      ranks = rank_pattern(masks)
+    ours = np.asarray(model.apply({"params": combine(base, trainable)}, ids))
+    exported = shrink(trainable, masks) if gated else trainable
+    written = export_peft(exported, config, tmp_path / f"adapter{gated}", family="llama",
+                          ranks=ranks)
+    if gated:
+      assert written["rank_pattern"] == {f"model.layers.0.{m}": 1 for m in (
+          "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      loaded = peft.PeftModel.from_pretrained(hf.torch_model(), str(tmp_path / f"adapter{gated}"))
+    np.testing.assert_allclose(hf.torch_output(loaded), ours, atol=ATOL, rtol=0)

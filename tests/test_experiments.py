@@ -1,0 +1,124 @@
+"""Experiments: every config runs end to end on a tiny random model with mock data (T5, RoBERTa,
+Llama, ViT), every method runs somewhere, a pre-empted run resumes to exactly the uninterrupted
+run, and the results writer aggregates seeds beside the papers' numbers."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments.configs import all_configs, get_config
+from experiments.results_table import collect, markdown_tables, mean_std
+from experiments.run import run_experiment
+from lorapro_jax.metrics import METRICS
+from lorapro_jax.train import METHODS
+
+TINY = dict(tiny=True, mock_data=True, batch_size=4, max_examples=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def gsm_files(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("gsm")
+  rng = np.random.default_rng(0)
+  meta, gsm = [], []
+  for _ in range(8):
+    a, b = (int(v) for v in rng.integers(1, 50, 2))
+    meta.append({"query": f"What is {a} plus {b}?", "response": f"{a} + {b} = {a + b}. "
+                 f"The answer is: {a + b}"})
+    gsm.append({"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"})
+  (folder / "meta.json").write_text(json.dumps(meta))
+  (folder / "gsm.jsonl").write_text("\n".join(json.dumps(row) for row in gsm))
+  return {"train_file": str(folder / "meta.json"), "eval_file": str(folder / "gsm.jsonl")}
+
+
+def _config(name, gsm_files):
+  config = get_config(name)
+  return config.replace(**gsm_files) if config.family == "llama" else config
+
+
+def test_configs_are_complete():
+  configs = all_configs()
+  assert {c.family for c in configs.values()} == {"t5", "roberta", "llama", "vit"}
+  assert len([n for n in configs if n.startswith("lorapro_t5_glue/")]) == 5
+  assert len([n for n in configs if n.startswith("dora_roberta_glue/")]) == 16
+  for config in configs.values():
+    assert set(config.methods) <= set(METHODS), config.name
+    assert set(config.metrics) <= set(METRICS), config.name
+  table1 = get_config("lorapro_t5_glue/cola")
+  assert (table1.rank, table1.alpha, table1.learning_rate, table1.batch_size, table1.epochs,
+          table1.max_length, table1.schedule, table1.warmup_ratio, table1.seeds) == (
+              8, 16.0, 1e-4, 32, 1.0, 128, "cosine", 0.03, (0, 1, 2))
+  budget = get_config("dora_roberta_glue/rte_r2")
+  assert (budget.rank, budget.initial_rank) == (2, 3)
+  llama = get_config("llama2_metamath/gsm8k")
+  assert (llama.learning_rate, llama.max_length, llama.compute_dtype) == (2e-5, 1024, "bfloat16")
+  with pytest.raises(ValueError, match="unknown experiment 'nope'"):
+    get_config("nope")
+
+
+# every config once (the persistent compilation cache shares the compiled steps of a family)
+@pytest.mark.parametrize("name", sorted(all_configs()))
+def test_every_config_trains_and_evaluates(name, gsm_files, tmp_path):
+  config = _config(name, gsm_files)
+  results = run_experiment(config, "lora", 0, out_dir=str(tmp_path), max_steps=2, **TINY)
+  assert [h["step"] for h in results["history"]] == [1, 2]
+  assert all(math.isfinite(h["loss"]) for h in results["history"])
+  for metric in config.metrics:
+    assert math.isfinite(results["final"][metric])
+  written = json.loads((tmp_path / name / "lora" / "seed_0" / "results.json").read_text())
+  assert written["final"] == results["final"] and written["total_steps"] == 2
+
+
+# every method somewhere, on each family
+@pytest.mark.parametrize("name,method", [
+    ("lorapro_t5_glue/mnli", "lora_pro_full"),
+    ("lorapro_t5_glue/sst2", "full"),
+    ("dora_roberta_glue/stsb_r8", "lora_pro_dynamic_rank"),
+    ("dora_roberta_glue/cola_r2", "dynamic_rank"),
+    ("llama2_metamath/gsm8k", "lora_pro"),
+    ("vit_images/cifar10", "rslora"),
+])
+def test_methods_run_on_each_family(name, method, gsm_files, tmp_path):
+  results = run_experiment(_config(name, gsm_files), method, 0, out_dir=str(tmp_path),
+                           max_steps=3, **TINY)
+  assert len(results["history"]) == 3 and all(math.isfinite(h["loss"]) for h in results["history"])
+  # tiny models embed the 30,522-token vocabulary in 32 dims: ~1M parameters, adapters ~10k
+  if method == "full":
+    assert results["trainable_params"] > 900_000
+  else:
+    assert results["trainable_params"] < 100_000
+
+
+@pytest.mark.parametrize("name,method", [("dora_roberta_glue/mrpc_r8", "lora_pro_full"),
+                                         ("vit_images/cifar100", "lora_pro_dynamic_rank")])
+def test_preempted_run_resumes_exactly(name, method, gsm_files, tmp_path):
+  config = _config(name, gsm_files)
+  straight = run_experiment(config, method, 0, out_dir=str(tmp_path / "straight"), max_steps=4,
+                            **TINY)
+  first = run_experiment(config, method, 0, out_dir=str(tmp_path / "resumed"), max_steps=4,
+                         stop_after=2, **TINY)
+  assert [h["step"] for h in first["history"]] == [1, 2]
+  second = run_experiment(config, method, 0, out_dir=str(tmp_path / "resumed"), max_steps=4,
+                          **TINY)
+  assert second["resumed_from"] == 2
+  assert [h["step"] for h in second["history"]] == [3, 4]
+  np.testing.assert_allclose([h["loss"] for h in second["history"]],
+                             [h["loss"] for h in straight["history"][2:]], rtol=1e-6)
+  assert second["final"] == straight["final"]
+
+
+def test_results_table_aggregates_seeds(tmp_path):
+  values = {0: 0.80, 1: 0.82, 2: 0.87}
+  for seed, value in values.items():
+    folder = tmp_path / "lorapro_t5_glue" / "sst2" / "lora_pro" / f"seed_{seed}"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "config": "lorapro_t5_glue/sst2", "method": "lora_pro", "seed": seed,
+        "metric": "accuracy", "final": {"accuracy": value}, "paper": 94.19}))
+  records = collect(str(tmp_path))
+  assert len(records) == 3
+  mean, std = mean_std([100 * v for v in values.values()])
+  assert mean == pytest.approx(83.0) and std == pytest.approx(np.std([80, 82, 87], ddof=1))
+  table = markdown_tables(records)
+  assert f"| lora_pro | {mean:.2f} ± {std:.2f} (3) [paper 94.19] |" in table
+  assert "sst2 (accuracy)" in table
