@@ -50,7 +50,7 @@ for section in $SECTIONS; do
       for scale in $SCALES; do for mode in ${PROFILE_MODES:-lora}; do
         timeout 400 $PY benchmarks/profile_step.py --scale "$scale" --mode "$mode" --hlo --out "$OUT" ${JAX_ARGS:-} \
           > "$OUT/profile_${scale}_${mode}.log" 2>&1 || echo "FAILED profile $scale $mode"
-        grep -A 40 "XLA Ops" "$OUT/profile_${scale}_${mode}.log" | head -n 40
+        grep -A 40 "ms of ops per step" "$OUT/profile_${scale}_${mode}.log" | cut -c1-200 | head -n 40
       done; done ;;
     micro)
       tiny=""; [ "$SCALES" = tiny ] && tiny="--tiny"

@@ -144,8 +144,12 @@ def minilm_task(n_words: int = 64, seq_len: int = 8, rank: int = 8, alpha: float
   trainable = {"bert": adapters, "head": head}
 
   def loss(base, trainable):
-    params = combine(base, trainable["bert"]) if "bert" in trainable else base
-    hidden = model.apply({"params": params}, ids, mask, deterministic=True).last_hidden_state
+    if "bert" in trainable:
+      outputs = model.apply({"params": combine(base, trainable["bert"])}, ids, mask,
+                            deterministic=True)
+    else:  # full fine-tuning: the unmodified model
+      outputs = bert.module.apply({"params": base}, ids, mask, deterministic=True)
+    hidden = outputs.last_hidden_state
     pooled = jnp.sum(hidden * mask[..., None], axis=1) / jnp.sum(mask, axis=1, keepdims=True)
     prediction = (pooled @ trainable["head"]["kernel"] + trainable["head"]["bias"])[:, 0]
     return 0.5 * jnp.mean((prediction - target) ** 2)

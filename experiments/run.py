@@ -207,12 +207,12 @@ def llama_task(config: ExperimentConfig, *, tiny: bool, random_init: bool, seed:
     hf = FlaxLlamaForCausalLM(LlamaConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4 * TINY_LENGTH, **config.model_overrides), seed=seed)
+        max_position_embeddings=8 * TINY_LENGTH, **config.model_overrides), seed=seed)
   elif random_init:
     hf = FlaxLlamaForCausalLM(LlamaConfig.from_pretrained(config.model), seed=seed)
   else:
     hf = FlaxLlamaForCausalLM.from_pretrained(config.model)
-  length = 2 * TINY_LENGTH if tiny else config.max_length
+  length = 6 * TINY_LENGTH if tiny else config.max_length  # the Alpaca prompt alone is ~45 tokens
   new_tokens = 4 if tiny else config.target_length
   limit = max_examples if max_examples is not None else config.max_train_examples
   train_rows = load_instruction_json(config.train_file, max_examples=limit)

@@ -20,11 +20,11 @@ reference calls its allocator right after ``optimizer.step()``).
 
 **Schedule** over T steps (t counts completed updates, 1-based; round() rounds half up): warm-up
 to t_i = round(0.15·T), events at t_i, t_i + interval, ... and at the last event
-t_e = T − round(0.5·T). At an
-event with p = (t − t_i)/(t_e − t_i) the number of live components over ALL adapted kernels is
-``N − floor((N − R)·p³)`` (N = Σ r', R = Σ r over kernels; for one r', r everywhere this is the
-paper's ``N − floor(N·(r'−r)/r'·p³)``), computed in exact integer arithmetic and chosen by ONE
-global ranking of the EMA scores (ties: the component earlier in the tree's order stays).
+t_e = T − round(0.5·T). After an event with p = (t − t_i)/(t_e − t_i) the number of live
+components over ALL adapted kernels is ``N − floor((N − R)·p³)`` (N = Σ r', R = Σ r over kernels;
+for one r', r everywhere this is the paper's ``N − floor(N·(r'−r)/r'·p³)``), computed in exact
+integer arithmetic and chosen by ONE global ranking of the EMA scores (ties: the component earlier
+in the tree's order stays).
 
 **Masking**: gated components are pruned by setting c_i = 0, plain ones by zeroing A[:, i] and
 B[i, :]. ``revive=True`` (the reference): the mask is applied at events only, pruned components

@@ -70,7 +70,8 @@ def _layout(module: nn.Module, args: tuple, kwargs: dict) -> KernelLayout | None
     return dense_general_layout(x.shape, module.features, module.axis, module.batch_dims)
   if isinstance(module, nn.Einsum):
     called = args[1] if len(args) > 1 else kwargs.get("einsum_str")
-    return einsum_layout(nn.merge_param("einsum_str", module.einsum_str, called), module.shape)
+    equation = nn.merge_param("einsum_str", module.einsum_str, called)
+    return einsum_layout(equation, module.shape, x.ndim)
   return None
 
 

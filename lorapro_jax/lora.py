@@ -240,10 +240,11 @@ def _check_alpha(alpha: Any, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class KernelLayout:
-  """A linear layer as an einsum ``y = einsum(f"{x},{stack}{inputs}{outputs}->{y}", x, kernel)``.
+  """A linear layer as ``y = einsum(f"{x},{stack}{inputs}{outputs}->{y}", x, kernel)``.
 
-  ``stack`` / ``inputs`` / ``outputs`` are the kernel's letters of each kind, in kernel order;
-  ``in_shape`` / ``out_shape`` / ``stack_shape`` their sizes. ``n_in = prod(in_shape)``.
+  Letters name axes (no ellipsis): ``stack`` / ``inputs`` / ``outputs`` are the kernel's axes of
+  each kind in kernel order, every other letter of ``x`` is a free (batch) axis carried to ``y``.
+  ``stack_shape`` / ``in_shape`` / ``out_shape`` are their sizes; ``n_in = prod(in_shape)``.
   """
 
   x: str
@@ -269,7 +270,8 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 def dense_layout(x_shape: Sequence[int], features: int) -> KernelLayout:
   """``nn.Dense`` (and HF ``FlaxConv1D``): contracts the last input axis."""
-  return KernelLayout("...i", "...o", "", "i", "o", (), (x_shape[-1],), (features,))
+  free = _LETTERS[:len(x_shape) - 1]
+  return KernelLayout(free + "I", free + "O", "", "I", "O", (), (x_shape[-1],), (features,))
 
 
 def dense_general_layout(x_shape: Sequence[int], features: int | Sequence[int],
@@ -289,7 +291,7 @@ def dense_general_layout(x_shape: Sequence[int], features: int | Sequence[int],
                       features)
 
 
-def einsum_layout(equation: str, kernel_shape: Sequence[int]) -> KernelLayout:
+def einsum_layout(equation: str, kernel_shape: Sequence[int], x_ndim: int) -> KernelLayout:
   """``nn.Einsum``: input letters are contracted, output letters only in kernel and result, stack
   letters in all three. The kernel's axes must be ordered stack, inputs, outputs (so that
   ``merge`` can fold the update back in); other orders are rejected."""
@@ -301,6 +303,10 @@ def einsum_layout(equation: str, kernel_shape: Sequence[int]) -> KernelLayout:
     raise ValueError(f"einsum equation must read 'x,kernel->y', got {equation!r}") from None
   if "." in kernel:
     raise ValueError(f"LoRA needs the einsum kernel without an ellipsis, got {equation!r}")
+  if "..." in x:  # name the ellipsis axes with unused letters
+    spare = "".join(ch for ch in _LETTERS if ch not in equation)
+    named = spare[:x_ndim - len(x) + 3]
+    x, y = x.replace("...", named), y.replace("...", named)
   stack = "".join(ch for ch in kernel if ch in x and ch in y)
   inputs = "".join(ch for ch in kernel if ch in x and ch not in y)
   outputs = "".join(ch for ch in kernel if ch not in x and ch in y)
@@ -308,6 +314,10 @@ def einsum_layout(equation: str, kernel_shape: Sequence[int]) -> KernelLayout:
     raise ValueError(
         f"LoRA needs einsum kernel axes ordered (stack..., inputs..., outputs...) = "
         f"{stack + inputs + outputs!r}, got {kernel!r} in {equation!r}")
+  summed = [ch for ch in x if ch not in kernel and ch not in y]
+  if summed:
+    raise ValueError(f"LoRA does not support einsum {equation!r}: input axes {summed} are summed "
+                     f"without the kernel")
   size = dict(zip(kernel, kernel_shape))
   return KernelLayout(x, y, stack, inputs, outputs, tuple(size[ch] for ch in stack),
                       tuple(size[ch] for ch in inputs), tuple(size[ch] for ch in outputs))
@@ -321,18 +331,24 @@ def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array | Non
   """``s * ((x @ A) * c) @ B`` for a layer of any layout; never forms the ``n_in x n_out`` update.
 
   ``a``: ``(*stack_shape, n_in, r)``, ``b``: ``(*stack_shape, r, n_out)``, ``c``:
-  ``(*stack_shape, r)`` or None; the result has the layer's output shape.
+  ``(*stack_shape, r)`` or None; the result has the layer's output shape. ``x`` is brought to
+  ``(*stack, free, n_in)`` first: two plain (batched) matmuls run faster on XLA:CPU than
+  dot_generals over several free axes (measured: about 30% less time for a 3-D input).
   """
-  rank = a.shape[-1]
-  r = next(ch for ch in _LETTERS if ch not in layout.x + layout.y + layout.stack)
-  mid = "".join(ch for ch in layout.y if ch not in layout.outputs) + r
-  a = a.reshape(layout.stack_shape + layout.in_shape + (rank,))
-  b = b.reshape(layout.stack_shape + (rank,) + layout.out_shape)
-  h = jnp.einsum(f"{layout.x},{layout.stack}{layout.inputs}{r}->{mid}", x, a, precision=precision)
+  free = "".join(ch for ch in layout.x if ch not in layout.stack + layout.inputs)
+  order = layout.stack + free + layout.inputs
+  x = jnp.transpose(x, [layout.x.index(ch) for ch in order]) if order != layout.x else x
+  sizes = dict(zip(order, x.shape))
+  free_shape = tuple(sizes[ch] for ch in free)
+  x = x.reshape(layout.stack_shape + (math.prod(free_shape), layout.n_in))
+  h = jnp.matmul(x, a, precision=precision)
   if c is not None:
-    h = jnp.einsum(f"{mid},{layout.stack}{r}->{mid}", h, c)
-  return scale * jnp.einsum(f"{mid},{layout.stack}{r}{layout.outputs}->{layout.y}", h, b,
-                            precision=precision)
+    h = h * c[..., None, :]
+  y = jnp.matmul(h, b, precision=precision)
+  y = y.reshape(layout.stack_shape + free_shape + layout.out_shape)
+  have = layout.stack + free + layout.outputs
+  y = jnp.transpose(y, [have.index(ch) for ch in layout.y]) if have != layout.y else y
+  return scale * y
 
 
 def kernel_update(a: jax.Array, b: jax.Array, c: jax.Array | None, scale: float) -> jax.Array:
@@ -431,5 +447,5 @@ class LoRAEinsum(nn.Einsum):
   def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
     equation = nn.merge_param("einsum_str", self.einsum_str, einsum_str)
     y = super().__call__(inputs, einsum_str)
-    return add_adapter(self, inputs, y, einsum_layout(equation, self.shape), self.lora,
-                       self.precision)
+    return add_adapter(self, inputs, y, einsum_layout(equation, self.shape, inputs.ndim),
+                       self.lora, self.precision)

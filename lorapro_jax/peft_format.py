@@ -65,7 +65,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lorapro_jax.adapters import DEFAULT_KEYS, Path, is_adapter, map_adapters
+from lorapro_jax.adapters import DEFAULT_KEYS, Path, adapter_paths, is_adapter, map_adapters
 from lorapro_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError, named_leaves
 from lorapro_jax.lora import ALL_LINEAR, REGEX_PREFIX, LoRAConfig, dotted, path_matches
 
@@ -398,7 +398,9 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
   Args:
     like: optional tree of the expected trainable layout (e.g. ``init_adapters`` output): every
       leaf's path and shape must match, else :class:`CheckpointMismatchError` naming each
-      difference (and nothing is returned); it also settles Flax names of saved modules.
+      difference (and nothing is returned); it also settles Flax names of saved modules, and its
+      stacked nodes (``nn.scan`` layers, ``lora_a`` of shape ``(L, n_in, r)``) collect their
+      per-layer modules (``STACK_CONTAINERS``; needs ``family``), zero-padded to ``r``.
     dtype: dtype of the returned arrays.
   """
   _check_prefix(prefix)
@@ -431,7 +433,7 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
   rank_pattern_peft = peft_config.get("rank_pattern") or {}
   alpha_pattern_peft = peft_config.get("alpha_pattern") or {}
   adapters: dict = {}
-  rank_pattern, alpha_pattern = {}, {}
+  module_ranks, module_alphas = {}, {}  # dotted path -> rank / alpha of every module
   for name, pair in factors.items():
     if set(pair) != {"A", "B"}:
       raise CheckpointCorruptError(f"module {name}: only lora_{''.join(pair)} present")
@@ -450,12 +452,14 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
     path = strip(name)
     _put(adapters, path, {DEFAULT_KEYS.a: np.asarray(a.T, dtype),
                           DEFAULT_KEYS.b: np.asarray(b.T, dtype)})
-    if rank != r:
-      rank_pattern[dotted(path)] = rank
-    if alpha != lora_alpha:
-      alpha_pattern[dotted(path)] = alpha
+    module_ranks[dotted(path)], module_alphas[dotted(path)] = rank, alpha
   if not factors:
     raise ValueError(f"{ADAPTER_WEIGHTS} holds no lora_A / lora_B tensor")
+  rslora = bool(peft_config.get("use_rslora", False))
+  if like is not None:
+    _restack(adapters, like, family, module_ranks, module_alphas, rslora, dtype, directory)
+  rank_pattern = {p: rank for p, rank in module_ranks.items() if rank != r}
+  alpha_pattern = {p: alpha for p, alpha in module_alphas.items() if alpha != lora_alpha}
 
   saved_roots = []
   for entry in peft_config.get("modules_to_save") or ():
@@ -471,7 +475,7 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
     flax_name, flax_value = _flax_param(path, param, value, _lookup(like, path), family)
     _put(adapters, path + (flax_name,), np.asarray(flax_value, dtype))
 
-  paths = [strip(name) for name in factors]
+  paths = adapter_paths(adapters)
   targets = peft_config.get("target_modules")
   excluded = peft_config.get("exclude_modules") or ()
   if isinstance(targets, list) and targets and all(
@@ -481,7 +485,7 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
   else:  # a regex over PyTorch names, or names that do not fit our paths: list the modules
     targets, excluded = sorted(dotted(p) for p in paths), []
   config = LoRAConfig(
-      rank=r, alpha=lora_alpha, rslora=bool(peft_config.get("use_rslora", False)),
+      rank=r, alpha=lora_alpha, rslora=rslora,
       dropout=float(peft_config.get("lora_dropout") or 0.0), targets=tuple(targets),
       exclude=tuple(excluded), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
       modules_to_save=tuple(dotted(strip(m)) for m in saved_roots),
@@ -490,6 +494,60 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
   if like is not None:
     _check_like(adapters, like, directory)
   return adapters, config
+
+
+def _pop(tree: dict, path: Path) -> Any:
+  """Removes and returns the node at ``path``, dropping parents left empty."""
+  parents = [tree]
+  for key in path[:-1]:
+    parents.append(parents[-1].get(key) if isinstance(parents[-1], Mapping) else None)
+  if not isinstance(parents[-1], Mapping) or path[-1] not in parents[-1]:
+    return None
+  node = parents[-1].pop(path[-1])
+  for depth in range(len(path) - 1, 0, -1):
+    if parents[depth]:
+      break
+    parents[depth - 1].pop(path[depth - 1])
+  return node
+
+
+def _restack(adapters: dict, like: Any, family: str | None, ranks: dict, alphas: dict,
+             rslora: bool, dtype: Any, directory: str) -> None:
+  """Stacks the per-layer modules of every stacked node of ``like`` (``nn.scan`` layers) into one
+  node, in place. Each slice is zero-padded to the node's rank; the node gets the most common
+  per-layer scale s, and a layer with scale s_l has its B multiplied by s_l / s (1 when all
+  layers share a scale, the usual case)."""
+  stacked = []
+  map_adapters(lambda path, node: stacked.append((path, node[DEFAULT_KEYS.a].shape,
+                                                  node[DEFAULT_KEYS.b].shape))
+               if np.ndim(node[DEFAULT_KEYS.a]) == 3 else None, like)
+  for path, (layers, n_in, width), (_, _, n_out) in stacked:
+    if family is None:
+      raise ValueError(f"like= holds the stacked adapter {dotted(path)}: pass family= to find its "
+                       "per-layer modules")
+    names = torch_module_names(path, family, layers)
+    nodes = [_pop(adapters, tuple(name.split("."))) for name in names]
+    missing = [name for name, node in zip(names, nodes) if node is None]
+    if missing:
+      raise CheckpointMismatchError(f"PEFT adapter in {directory} lacks {missing} for the stacked "
+                                    f"adapter {dotted(path)}; nothing was loaded")
+    scales = [alphas.pop(name) / (math.sqrt(ranks[name]) if rslora else ranks[name])
+              for name in names]
+    scale = _most_common(scales)
+    a, b = np.zeros((layers, n_in, width)), np.zeros((layers, width, n_out))
+    for layer, (name, node, layer_scale) in enumerate(zip(names, nodes, scales)):
+      rank = ranks.pop(name)
+      if node[DEFAULT_KEYS.a].shape != (n_in, rank) or node[DEFAULT_KEYS.b].shape != (rank, n_out) \
+          or rank > width:
+        raise CheckpointMismatchError(
+            f"PEFT module {name} has lora_a {node[DEFAULT_KEYS.a].shape}, lora_b "
+            f"{node[DEFAULT_KEYS.b].shape}; the stacked adapter {dotted(path)} expects "
+            f"({n_in}, r <= {width}) and (r, {n_out}); nothing was loaded")
+      a[layer, :, :rank] = node[DEFAULT_KEYS.a]
+      b[layer, :rank] = np.asarray(node[DEFAULT_KEYS.b], np.float64) * (layer_scale / scale)
+    _put(adapters, path, {DEFAULT_KEYS.a: a.astype(dtype), DEFAULT_KEYS.b: b.astype(dtype)})
+    ranks[dotted(path)] = width
+    alphas[dotted(path)] = _alpha_for_scale(scale, width, rslora)
 
 
 def _check_like(tree: Any, like: Any, directory: str) -> None:

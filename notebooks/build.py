@@ -102,6 +102,20 @@ LOAD_MINILM = code("""
     dev_batch = {name: values[:256] for name, values in dev.items()}
 """)
 
+EXPERIMENTS_IMPORT = code("""
+    import sys
+
+    import lorapro_jax
+
+    # The experiments (papers' configs, measurement scripts) live in the repository's experiments/
+    # folder, beside the package: importable from a clone installed with pip install -e.
+    REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lorapro_jax.__file__)))
+    if not os.path.isdir(os.path.join(REPO_ROOT, "experiments")):
+      raise ImportError(f"no experiments/ folder next to {lorapro_jax.__file__}: use a clone of {REPOSITORY} "
+                        "installed with pip install -e (the install cell does that on Colab)")
+    sys.path.insert(0, REPO_ROOT)
+""")
+
 # ----------------------------------------------------------------------------- 01 quickstart
 
 QUICKSTART = [
@@ -258,13 +272,12 @@ LORA_VS_LORAPRO = [
     import os
 
     {TINY_LINE}
-    SYNTHETIC_STEPS = 60 if TINY else 400
-    NUM_LAYERS = 2 if TINY else 6
-    STEPS = 10 if TINY else 300          # MiniLM steps per method
-    MEASURE_EVERY = 5 if TINY else 25    # steps between cosine measurements on MiniLM
-    BATCH_SIZE = 16 if TINY else 32
-    MAX_LENGTH = 16
     RANK = 4 if TINY else 8
+    SYNTHETIC_STEPS = 40 if TINY else 200
+    MINILM_STEPS = 4 if TINY else 60           # full-batch steps per method on MiniLM-L6
+    MINILM_WORDS = 16 if TINY else 256         # VADER words in the MiniLM batch
+    MINILM_METHODS = (("lora", "lorapro_efficient") if TINY
+                      else ("lora", "lorapro_efficient", "lorapro_full", "full_ft"))
     """, "parameters"),
     QUIET_HF,
     md("""
@@ -313,150 +326,70 @@ LORA_VS_LORAPRO = [
     plt.title(f"one {n}x{n} kernel"); plt.legend(); plt.show()
     """),
     md("""
-    ## 2. Along training: one loop, three methods
+    ## 2. Along training: cosine to the full gradient, and loss curves
 
-    `alignment` measures, at the current adapters, the full gradient G of every adapted kernel
-    (autodiff of the same loss through the *merged* model, `merge`) and the cosine of each
-    method's equivalent gradient to it. `fit_method` runs any method of `make_optimizer` with the
-    library's jitted train step: `"full"` trains every weight, `"lora"` the adapters with AdamW,
-    `"lora_pro"` the same adapters with LoRA-Pro.
+    `experiments/gradient_alignment.py` (the library's measurement script) trains each method and
+    records, at every step and at the current parameters, the cosine between the full gradient G
+    of the adapted kernels (over all of them) and the equivalent gradient of LoRA's raw factor
+    gradients and of LoRA-Pro's adjusted ones, plus the training loss. Methods: `lora` (AdamW on
+    the factors), `lorapro_efficient` (LoRA-Pro's adjustment, then AdamW), `lorapro_full` (the
+    paper's full-rank Adam moments) and `full_ft` (AdamW on the adapted kernels themselves).
     """),
+    EXPERIMENTS_IMPORT,
     code("""
-    from lorapro_jax import LoRAConfig, adapter_paths, combine, init_adapters, inject, merge, split
-    from lorapro_jax.adapters import get_path
-    from lorapro_jax.train import TrainState, make_optimizer, make_train_step
+    from experiments import gradient_alignment
 
-    def make_alignment(loss, plain, adapted, config, base):
-      # jitted (trainable, batch) -> (cos LoRA, cos LoRA-Pro), one entry per adapted kernel
-      def measure(trainable, batch):
-        lora_grads = jax.grad(lambda t: loss(adapted, combine(base, t), batch))(trainable)
-        full_grads = jax.grad(lambda p: loss(plain, p, batch))(merge(combine(base, trainable), config))
-        lora, pro = [], []
-        for path in adapter_paths(trainable):
-          (a, b), (grad_a, grad_b) = [(get_path(t, path)["lora_a"], get_path(t, path)["lora_b"])
-                                      for t in (trainable, lora_grads)]
-          scale, full = config.scale_for(path), get_path(full_grads, path)["kernel"]
-          lora.append(cosine(scale * (grad_a @ b + a @ grad_b), full))
-          pro.append(cosine(equivalent_gradient(a, b, grad_a, grad_b, scale), full))
-        return jnp.stack(lora), jnp.stack(pro)
-      return jax.jit(measure)
-
-    def fit_method(method, base, trainable, loss_fn, learning_rate, steps, batches, config=None,
-                   measure=None, measure_batch=None, measure_every=1):
-      optimizer = make_optimizer(method, optax.cosine_decay_schedule(learning_rate, steps),
-                                 scale=None if config is None else config.scales(trainable))
-      state = TrainState.create(base, trainable, optimizer, jax.random.key(0))
-      train_step = make_train_step(loss_fn, optimizer)
-      losses, cosines = [], []
-      for step in range(steps):
-        if measure is not None and step % measure_every == 0:
-          cosines.append((step, *map(np.asarray, measure(state.trainable, measure_batch))))
-        state, metrics = train_step(state, next(batches))
-        losses.append(float(metrics["loss"]))
-      return np.asarray(losses), cosines
+    def plot_alignment(results, title):
+      figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.4))
+      for (method, history), color in zip(results.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        left.plot(history["loss"], color=color, label=method)
+        if "cos_lora" in history:
+          right.plot(history["cos_lorapro"], "-", color=color, label=f"LoRA-Pro g̃, {method} run")
+          right.plot(history["cos_lora"], ":", color=color, label=f"LoRA g̃, {method} run")
+      left.set(xlabel="step", ylabel="training loss", yscale="log", title=f"{title}: loss"); left.legend()
+      right.set(xlabel="step", ylabel="cos(G, g̃)", ylim=(0, 1.02), title=f"{title}: alignment")
+      right.legend(fontsize=7); plt.show()
     """),
     md("""
     ### The synthetic task
 
-    A two-layer tanh network; the targets come from a teacher whose kernels differ from the
-    student's by a full-rank perturbation, so full fine-tuning can fit them exactly and rank-r
-    adapters can only approximate them.
+    Least squares `½·mean‖x·K − y‖²` on one kernel, with targets from `K_true = K0 + (rank-r
+    matrix)`: the adapters can reach the optimum exactly, so differences come from the direction
+    of the steps alone.
     """),
     code("""
-    import flax.linen as nn
-
-    from lorapro_jax.data.batching import BatchIterator
-
-    class Regressor(nn.Module):
-      @nn.compact
-      def __call__(self, x):
-        return nn.Dense(32, name="out")(jnp.tanh(nn.Dense(64, name="hidden")(x)))
-
-    regressor = Regressor()
-    x = jax.random.normal(jax.random.key(1), (2048, 32))
-    student = regressor.init(jax.random.key(2), x[:1])["params"]
-    leaves, treedef = jax.tree.flatten(student)
-    noise = [jax.random.normal(key, w.shape) / np.sqrt(w.shape[0])
-             for key, w in zip(jax.random.split(jax.random.key(3), len(leaves)), leaves)]
-    teacher = jax.tree.unflatten(treedef, [w + 0.5 * e for w, e in zip(leaves, noise)])
-    regression = {"x": np.asarray(x), "y": np.asarray(regressor.apply({"params": teacher}, x))}
-
-    def mse(module, params, batch):
-      return jnp.mean((module.apply({"params": params}, batch["x"]) - batch["y"]) ** 2)
-
-    synthetic_config = LoRAConfig(rank=RANK, alpha=2.0 * RANK, targets=("hidden", "out"))
-    synthetic_model = inject(regressor, synthetic_config)
-    synthetic_adapters = init_adapters(synthetic_model, student, jax.random.key(4), x[:1])
-    synthetic_alignment = make_alignment(mse, regressor, synthetic_model, synthetic_config, student)
-    batches = lambda: BatchIterator(regression, 64, seed=0)
-    loss_of = lambda module: (lambda params, batch, rng: (mse(module, params, batch), None))
-
-    synthetic = {
-        "full": fit_method("full", None, student, loss_of(regressor), 3e-3, SYNTHETIC_STEPS, batches()),
-        "lora": fit_method("lora", student, synthetic_adapters, loss_of(synthetic_model), 3e-3, SYNTHETIC_STEPS,
-                      batches(), synthetic_config, synthetic_alignment, regression),
-        "lora_pro": fit_method("lora_pro", student, synthetic_adapters, loss_of(synthetic_model), 3e-3,
-                          SYNTHETIC_STEPS, batches(), synthetic_config, synthetic_alignment, regression),
-    }
-    """),
-    code("""
-    def plot_runs(runs, title):
-      figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.2))
-      for method, (losses, cosines) in runs.items():
-        left.plot(losses, label=method)
-        if cosines:
-          steps = [c[0] for c in cosines]
-          column = 1 if method == "lora" else 2  # each run's own trajectory, its own method's cosine
-          right.plot(steps, [c[column].mean() for c in cosines], "o-", label=method)
-      left.set(xlabel="step", ylabel="train loss", yscale="log", title=title); left.legend()
-      right.set(xlabel="step", ylabel="mean cos(g̃, G) over kernels", ylim=(0, 1.02),
-                title="alignment with full fine-tuning"); right.legend()
-      plt.show()
-
-    plot_runs(synthetic, "synthetic regression")
+    synthetic = gradient_alignment.run(gradient_alignment.synthetic_task(rank=RANK), SYNTHETIC_STEPS, 1e-2)
+    plot_alignment(synthetic, "synthetic")
+    gradient_alignment.summary(synthetic)
     """),
     md("""
-    ### The real task: pretrained MiniLM-L6 on VADER word sentiment
-    """),
-    LOAD_MINILM,
-    code("""
-    def cross_entropy(module, params, batch):
-      logits = module.apply({"params": params}, *inputs(batch))
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+    ### The real task: the pretrained MiniLM-L6
 
-    config = LoRAConfig(rank=RANK, alpha=2.0 * RANK, targets=("query", "key", "value", "attention.output.dense"),
-                        modules_to_save=("classifier",))
-    model = inject(classifier, config)
-    adapters = init_adapters(model, params, jax.random.key(1), *inputs(example))
-    base, _ = split(params, config)
-    alignment = make_alignment(cross_entropy, classifier, model, config, base)
-    measure_batch = {name: values[:64] for name, values in dev.items()}
-    minilm_loss = lambda module: (lambda params, batch, rng: (cross_entropy(module, params, batch), None))
-    batches = lambda: BatchIterator(train, BATCH_SIZE, seed=0)
-
-    real = {
-        "full": fit_method("full", None, params, minilm_loss(classifier), 5e-5, STEPS, batches()),
-        "lora": fit_method("lora", base, adapters, minilm_loss(model), 1e-3, STEPS, batches(), config,
-                      alignment, measure_batch, MEASURE_EVERY),
-        "lora_pro": fit_method("lora_pro", base, adapters, minilm_loss(model), 1e-3, STEPS, batches(), config,
-                          alignment, measure_batch, MEASURE_EVERY),
-    }
-    plot_runs(real, "MiniLM-L6, VADER word sentiment")
+    LoRA on every attention and MLP kernel of the pretrained MiniLM-L6 sentence encoder, plus a
+    linear head regressing the human sentiment rating of VADER lexicon words.
     """),
     code("""
-    # The checked outcome: on both tasks, along each run, LoRA-Pro's equivalent gradient is closer
-    # in direction to the full fine-tuning gradient than plain LoRA's (mean cosine over kernels).
-    for task, runs in [("synthetic", synthetic), ("MiniLM", real)]:
-      lora = np.mean([c[1].mean() for c in runs["lora"][1]])
-      pro = np.mean([c[2].mean() for c in runs["lora_pro"][1]])
-      print(f"{task:9s}: mean cos(g̃, G)  LoRA {lora:.3f}   LoRA-Pro {pro:.3f}")
+    minilm = gradient_alignment.run(gradient_alignment.minilm_task(n_words=MINILM_WORDS, rank=RANK),
+                                    MINILM_STEPS, 1e-3, methods=MINILM_METHODS)
+    plot_alignment(minilm, "MiniLM-L6")
+    gradient_alignment.summary(minilm)
+    """),
+    code("""
+    # The checked outcome: on both tasks LoRA-Pro's equivalent gradient is closer in direction to
+    # the full gradient than plain LoRA's: on average along each method's own run, and at every
+    # step of every run (both measured at the same parameters: the projection is the best direction).
+    for task, results in [("synthetic", synthetic), ("MiniLM", minilm)]:
+      lora = np.mean(results["lora"]["cos_lora"])
+      pro = np.mean(results["lorapro_efficient"]["cos_lorapro"])
+      print(f"{task:9s}: mean cos(G, g̃)   LoRA {lora:.3f}   LoRA-Pro {pro:.3f}")
       assert pro > lora, (task, lora, pro)
-    # And at every measured point of every run, kernel by kernel: the projection is the best direction.
-    assert all(np.all(pro >= lora - 1e-5) for runs in (synthetic, real) for method in ("lora", "lora_pro")
-               for _, lora, pro in runs[method][1])
+      for method, history in results.items():
+        if "cos_lora" in history:
+          assert np.all(np.asarray(history["cos_lorapro"]) >= np.asarray(history["cos_lora"]) - 1e-5), (task, method)
     print("OK: LoRA-Pro's equivalent gradient is better aligned with the full gradient than LoRA's")
     """),
 ]
+
 
 # --------------------------------------------------------------------------- 03 dynamic rank
 
@@ -683,17 +616,8 @@ SCALING_OUT = [
     with those shardings; `run(None)` leaves everything on the default device. Both see the same
     batches in the same order.
     """),
+    EXPERIMENTS_IMPORT,
     code("""
-    import sys
-
-    import lorapro_jax
-
-    # The experiment configs live in the repository's experiments/ folder, beside the package.
-    REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(lorapro_jax.__file__)))
-    if not os.path.isdir(os.path.join(REPO_ROOT, "experiments")):
-      raise ImportError(f"no experiments/ folder next to {lorapro_jax.__file__}: use a clone of {REPOSITORY} "
-                        "installed with pip install -e (the install cell does that on Colab)")
-    sys.path.insert(0, REPO_ROOT)
     from experiments.configs import get_config
     from lorapro_jax import LoRAConfig, init_adapters, inject, split
     from lorapro_jax.data.batching import BatchIterator

@@ -62,6 +62,7 @@ def test_every_config_trains_and_evaluates(name, gsm_files, tmp_path):
   config = _config(name, gsm_files)
   results = run_experiment(config, "lora", 0, out_dir=str(tmp_path), max_steps=2, **TINY)
   assert [h["step"] for h in results["history"]] == [1, 2]
+  assert results["history"][0]["loss"] > 0  # something is learned (a response, a label)
   assert all(math.isfinite(h["loss"]) for h in results["history"])
   for metric in config.metrics:
     assert math.isfinite(results["final"][metric])
@@ -71,9 +72,7 @@ def test_every_config_trains_and_evaluates(name, gsm_files, tmp_path):
 
 # every method somewhere, on each family
 @pytest.mark.parametrize("name,method", [
-    ("lorapro_t5_glue/mnli", "lora_pro_full"),
-    ("lorapro_t5_glue/sst2", "full"),
-    ("dora_roberta_glue/stsb_r8", "lora_pro_dynamic_rank"),
+    ("lorapro_t5_glue/mnli", "full"),
     ("dora_roberta_glue/cola_r2", "dynamic_rank"),
     ("llama2_metamath/gsm8k", "lora_pro"),
     ("vit_images/cifar10", "rslora"),
@@ -89,8 +88,8 @@ def test_methods_run_on_each_family(name, method, gsm_files, tmp_path):
     assert results["trainable_params"] < 100_000
 
 
-@pytest.mark.parametrize("name,method", [("dora_roberta_glue/mrpc_r8", "lora_pro_full"),
-                                         ("vit_images/cifar100", "lora_pro_dynamic_rank")])
+@pytest.mark.parametrize("name,method", [("dora_roberta_glue/stsb_r8", "lora_pro_dynamic_rank"),
+                                         ("vit_images/cifar100", "lora_pro_full")])
 def test_preempted_run_resumes_exactly(name, method, gsm_files, tmp_path):
   config = _config(name, gsm_files)
   straight = run_experiment(config, method, 0, out_dir=str(tmp_path / "straight"), max_steps=4,

@@ -183,9 +183,18 @@ def test_einsum_multi_axis_and_stacked():
   np.testing.assert_allclose(stacked.apply({"params": params}, x), expected, rtol=RTOL, atol=1e-5)
 
 
+def test_einsum_with_ellipsis():
+  layer = LoRAEinsum(shape=(5, 3), einsum_str="...d,dk->...k", lora=LoRAConfig(rank=2, alpha=2.0))
+  x = jax.random.normal(jax.random.key(0), (2, 4, 5))
+  params = randomize(layer.init(jax.random.key(1), x)["params"], jax.random.key(2))
+  expected = hand(x.reshape(8, 5), params["kernel"], params["lora_a"], params["lora_b"], 1.0)
+  np.testing.assert_allclose(layer.apply({"params": params}, x),
+                             expected.reshape(2, 4, 3) + params["bias"], rtol=RTOL, atol=1e-5)
+
+
 def test_einsum_kernel_axes_out_of_order_rejected():
   with pytest.raises(ValueError, match="ordered"):
-    einsum_layout("bd,hdk->bhk", (2, 5, 3))
+    einsum_layout("bd,hdk->bhk", (2, 5, 3), 2)
 
 
 class Block(nn.Module):

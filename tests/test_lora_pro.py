@@ -412,7 +412,8 @@ class TestJit(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_full_mode_step(self):
-    params, grads = _random_tree(9)
+    params, grads = (t["encoder"]["query"] for t in _random_tree(9))
+    params, grads = {"encoder": {"query": params}}, {"encoder": {"query": grads}}
     optimizer = lora_pro(1e-2, SCALES, mode="full", weight_decay=0.1)
     update = self.variant(optimizer.update)
     updates, _ = update(grads, optimizer.init(params), params)

@@ -24,7 +24,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model  # noqa: E402
 
-from lorapro_jax.adapters import map_adapters  # noqa: E402
+from lorapro_jax.adapters import adapter_paths, map_adapters  # noqa: E402
 from lorapro_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError  # noqa: E402
 from lorapro_jax.dynamic_rank import shrink  # noqa: E402
 from lorapro_jax.inject import combine, init_adapters, inject  # noqa: E402
@@ -371,8 +371,6 @@ def test_scanned_llama_exports_one_module_per_layer(tmp_path):
     assert trainable["model"]["layers"]["self_attn"]["q_proj"]["lora_a"].shape == (2, 12, 4)
     ranks = None
     if gated:  # layer-wise live ranks differ; shrink pads each stacked node to its largest
-      masks = jax.tree.map(lambda c: np.arange(4) < np.array([[1], [3]]), trainable,
-                           is_leaf=lambda n: isinstance(n, dict) and "lora_c" in n)
       masks = map_adapters(lambda path, node: np.arange(4) < np.array([[1], [3]]), trainable)
       trainable = map_adapters(lambda path, node: {**node, "lora_c": jnp.where(
           np.arange(4) < np.array([[1], [3]]), node["lora_c"], 0.0)}, trainable)
@@ -381,11 +379,19 @@ def test_scanned_llama_exports_one_module_per_layer(tmp_path):
     exported = shrink(trainable, masks) if gated else trainable
     written = export_peft(exported, config, tmp_path / f"adapter{gated}", family="llama",
                           ranks=ranks)
-    if gated:
-      assert written["rank_pattern"] == {f"model.layers.0.{m}": 1 for m in (
+    if gated:  # a tie of 7 modules each: the first seen rank (layer 0's) becomes r
+      assert written["r"] == 1 and written["rank_pattern"] == {f"model.layers.1.{m}": 3 for m in (
           "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       loaded = peft.PeftModel.from_pretrained(hf.torch_model(), str(tmp_path / f"adapter{gated}"))
     np.testing.assert_allclose(hf.torch_output(loaded), ours, atol=ATOL, rtol=0)
+    # and back into the scanned layout: per-layer modules stacked and zero-padded again
+    adapters, imported = import_peft(tmp_path / f"adapter{gated}", family="llama", like=exported)
+    for path in adapter_paths(exported):
+      assert imported.rank_for(path) == exported[path[0]][path[1]][path[2]][path[3]][
+          "lora_a"].shape[-1]
+      assert imported.scale_for(path) == config.scale_for(path)
+    again = np.asarray(inject(scanned, imported).apply({"params": combine(base, adapters)}, ids))
+    np.testing.assert_allclose(again, ours, atol=ATOL, rtol=0)

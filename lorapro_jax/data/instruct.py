@@ -85,4 +85,7 @@ def encode_causal(tokenizer: Any, prompts: Sequence[str], responses: Sequence[st
     attention[row, :len(tokens)] = 1
     start = min(len(prompt_ids), len(tokens))
     loss_mask[row, max(start - 1, 0):len(tokens) - 1] = 1.0
+  if not loss_mask.any():
+    raise ValueError(f"max_length={max_length} truncates every response away: no token to learn "
+                     "(the prompts alone are longer)")
   return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
