@@ -72,9 +72,9 @@ def perturb_lora_b(trainable, key):
   return map_adapters(node, trainable)
 
 
-def build(scale: str, mode: str, remat: str, base_dtype, scan_unroll: int = 1):
+def build(scale: str, mode: str, remat: str, base_dtype, scan_unroll: int = 0):
   shape = common.model_shape(scale)
-  config = LlamaConfig(**shape, remat=remat, scan_unroll=scan_unroll)
+  config = LlamaConfig(**shape, remat=remat, scan_unroll=scan_unroll or shape["num_layers"])
   model = LlamaForCausalLM(config)
   batch, seq_len = common.SCALES[scale]["batch"], common.SCALES[scale]["seq_len"]
   example = jnp.zeros((batch, seq_len), jnp.int32)
@@ -135,7 +135,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--remat", default="none")
-  parser.add_argument("--scan-unroll", type=int, default=1)
+  parser.add_argument("--scan-unroll", type=int, default=0,
+                      help="layers per iteration of the layer scan; 0 (default): all (unrolled)")
   parser.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--breakdown", action="store_true")
   parser.add_argument("--out", default=None)
@@ -194,7 +195,8 @@ def main(argv=None):
       times, scale=args.scale, train_base=args.mode == "full",
       device_name=getattr(device, "device_kind", str(device)),
       peak_bytes=stats.get("peak_bytes_in_use"), framework="jax", mode=args.mode,
-      remat=args.remat, scan_unroll=args.scan_unroll, base_dtype=args.base_dtype if args.mode != "full" else "float32",
+      remat=args.remat, scan_unroll=config.scan_unroll, xla_flags=os.environ.get("XLA_FLAGS", ""),
+      base_dtype=args.base_dtype if args.mode != "full" else "float32",
       rank=rank_for(args.mode) if args.mode != "full" else None, trainable_params=trainable_count,
       opt_state_gib=opt_bytes / 2**30, losses=losses,
       versions=dict(jax=jax.__version__), **extra)

@@ -73,7 +73,8 @@ def main(argv=None):
   parser.add_argument("--mode", required=True, choices=jax_step.MODES)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--remat", default="none")
-  parser.add_argument("--scan-unroll", type=int, default=1)
+  parser.add_argument("--scan-unroll", type=int, default=0,
+                      help="layers per iteration of the layer scan; 0 (default): all (unrolled)")
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--hlo", action="store_true")
   parser.add_argument("--out", default=None)

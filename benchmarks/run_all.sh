@@ -5,7 +5,8 @@
 #   benchmarks/run_all.sh [section ...]      sections: env jax torch micro profile (default: the first four)
 #
 # Environment: OUT (results folder, default benchmarks/results/local), SCALES ("1b base"; "tiny" on
-# a CPU), JAX_MODES, TORCH_MODES, PROFILE_MODES, JAX_ARGS (extra jax_step.py flags), STEPS (timed steps, default 10), PY (python, default python3).
+# a CPU), JAX_MODES, TORCH_MODES, PROFILE_MODES, JAX_ARGS (extra jax_step.py flags), BREAKDOWN
+# (1: also time the gradient alone), STEPS (timed steps, default 10), PY (python, default python3).
 # On the device machine the PyTorch side needs transformers 4.57 / peft / lora-pro-adamw carried as
 # wheels in .whl/ (see benchmarks/README.md); they are installed to /tmp/site when .whl/ exists.
 set -u
@@ -35,7 +36,7 @@ for section in $SECTIONS; do
     jax)
       for scale in $SCALES; do for mode in $JAX_MODES; do
         echo "== jax $scale $mode" | tee -a "$OUT/jax.log"
-        extra=""; [ "$mode" != full ] && extra="--breakdown"
+        extra=""; [ "$mode" != full ] && [ "${BREAKDOWN:-1}" = 1 ] && extra="--breakdown"
         timeout 400 $PY benchmarks/jax_step.py --scale "$scale" --mode "$mode" --steps "$STEPS" \
           --out "$OUT" $extra ${JAX_ARGS:-} >> "$OUT/jax.log" 2>&1 || echo "FAILED jax $scale $mode (rc $?)" | tee -a "$OUT/jax.log"
       done; done ;;

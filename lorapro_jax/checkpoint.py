@@ -273,7 +273,8 @@ class TrainCheckpointer:
     if step in self._manager.all_steps():
       raise FileExistsError(f"step {step} already exists in {self.directory}; refusing to "
                             "overwrite a saved checkpoint")
-    arrays = _nest([(path, _stored_form(leaf)) for path, leaf in named_leaves(_without_base(state))])
+    arrays = _nest([(path, _stored_form(leaf))
+                    for path, leaf in named_leaves(_without_base(state))])
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
             "lora_config": self.config, "data_position": data_position, "metrics": metrics}
     json.dumps(meta)  # a non-JSON data_position fails here, before anything is written
@@ -328,7 +329,8 @@ class TrainCheckpointer:
       raise CheckpointCorruptError(f"checkpoint step {step} in {self.directory} was never "
                                    f"committed: {problem}")
     try:
-      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      meta = self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as error:  # orbax / json raise many types; all mean the same here
       raise CheckpointCorruptError(f"cannot read the metadata of checkpoint step {step} in "
                                    f"{self.directory}: {error}") from error

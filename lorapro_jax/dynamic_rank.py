@@ -304,9 +304,13 @@ def dynamic_rank_init(params: Any, config: DynamicRankConfig) -> DynamicRankStat
     if unknown:
       raise ValueError(f"target_rank names no adapter at {sorted(unknown)}")
   scores = {path: jnp.zeros(shape, jnp.float32) for path, shape in shapes.items()}
-  live = {path: jnp.ones(shape, jnp.bool_) for path, shape in shapes.items()}
+  # Separate buffers for mask and final_mask: a train step that donates its state cannot donate
+  # one buffer twice.
+  def all_live():
+    return _mirror(params, {path: jnp.ones(shape, jnp.bool_) for path, shape in shapes.items()},
+                   keys)
   return DynamicRankState(count=jnp.zeros([], jnp.int32), scores=_mirror(params, scores, keys),
-                          mask=_mirror(params, live, keys), final_mask=_mirror(params, live, keys))
+                          mask=all_live(), final_mask=all_live())
 
 
 def _global_top_k(scores: jax.Array, eligible: jax.Array, k: jax.Array) -> jax.Array:

@@ -176,7 +176,7 @@ def linear_layer_paths(module: nn.Module, *args, **kwargs) -> list[Path]:
 
 def init_adapters(model: LoRAModel, base_params: Any, rng: jax.Array, *example_args,
                   **example_kwargs) -> dict:
-  """The trainable tree (adapters and ``modules_to_save``) for a model with pretrained ``base_params``.
+  """The trainable tree (adapters, ``modules_to_save``) for a model with pretrained ``base_params``.
 
   One jitted call of ``model.apply`` on the example inputs with ``base_params`` given: flax
   creates only the params missing from ``base_params``, i.e. the adapter leaves (and heads under

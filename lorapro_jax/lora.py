@@ -278,7 +278,9 @@ def dense_general_layout(x_shape: Sequence[int], features: int | Sequence[int],
                          axis: int | Sequence[int], batch_dims: Sequence[int]) -> KernelLayout:
   """``nn.DenseGeneral``: kernel ``batch_shape + in_shape + features``, flax's output order."""
   ndim = len(x_shape)
-  norm = lambda axes: tuple(a % ndim for a in ((axes,) if isinstance(axes, int) else axes))  # noqa: E731
+  def norm(axes):
+    return tuple(a % ndim for a in ((axes,) if isinstance(axes, int) else axes))
+
   axis, batch_dims = norm(axis), norm(batch_dims)
   features = (features,) if isinstance(features, int) else tuple(features)
   x = _LETTERS[:ndim]
@@ -377,7 +379,9 @@ def _initializers(config: LoRAConfig, n_in: int, rank: int):
     init_a = normal(GATED_INIT_STDDEV)
   else:
     bound = 1.0 / math.sqrt(n_in)
-    init_a = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+
+    def init_a(key, shape, dtype):
+      return jax.random.uniform(key, shape, dtype, -bound, bound)
   init_b = normal(GATED_INIT_STDDEV) if config.gated else jax.nn.initializers.zeros
   return init_a, init_b, jax.nn.initializers.zeros
 

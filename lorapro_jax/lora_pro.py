@@ -281,6 +281,15 @@ def _effective(node, keys: AdapterKeys):
   return a, b
 
 
+def _delta_kernel(node, keys: AdapterKeys, scale) -> jax.Array:
+  """The pair's kernel update ``s·A·diag(c)·B``, shape (*stack, n_in, n_out), compute dtype."""
+  a, b = node[keys.a], node[keys.b]
+  if keys.c in node:
+    a = a * node[keys.c][..., None, :]
+  dtype = compute_dtype(jnp.result_type(a, b))
+  return jnp.asarray(scale, dtype) * (a.astype(dtype) @ b.astype(dtype))
+
+
 def _require_params(params, name: str):
   if params is None:
     raise ValueError(f"{name} needs the current parameters: call update(grads, state, params)")
@@ -381,7 +390,8 @@ def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, rest:
   ``inner`` (e.g. ``optax.scale_by_adam``: full-rank moments of shape (*stack, n_in, n_out)) to a
   direction U, which is projected back to the factors: ``(dA, dB) = adjust(s·U·Bᵀ, s·Aᵀ·U)`` with
   ``x_mode``'s Y, the Grams' decompositions reused. Other leaves (and gates) go through ``rest``.
-  ``inner`` gets ``params=None`` (there is no full-rank parameter).
+  ``inner`` sees, as its ``params``, each pair's kernel update ``ΔK = s·A·diag(c)·B`` (computed
+  only if ``inner`` reads the values: under ``jit`` XLA drops it otherwise).
   """
   _check_options(x_mode, ridge)
 
@@ -414,7 +424,9 @@ def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, rest:
       node = get_path(params, path)
       full_shape = node[keys.a].shape[:-1] + node[keys.b].shape[-1:]
       g_eq.append(_equivalent(pair, *_apply(pair, ga, gb, coefficients)).reshape(full_shape))
-    directions, inner_state = inner.update(_nest(paths, g_eq), state.inner, None)
+    # inner's params: each pair's kernel update ΔK = s·A·diag(c)·B (dead code unless it reads them)
+    deltas = [_delta_kernel(get_path(params, path), keys, scale_at(scale, path)) for path in paths]
+    directions, inner_state = inner.update(_nest(paths, g_eq), state.inner, _nest(paths, deltas))
     directions = [u.reshape(f.a.shape[:-1] + f.b.shape[-1:]).astype(f.a.dtype)
                   for u, f in zip(_unnest(directions, paths), factors)]
     # Raw gradients of the direction: s·U·Bᵀ and s·Aᵀ·U; both r x r statistics are s·Aᵀ·U·Bᵀ.

@@ -11,10 +11,11 @@ PEFT (Hugging Face's ``peft``, LoRA type) stores an adapter as two files in a di
   module name), ``fan_in_fan_out`` (GPT-2's ``Conv1D``), ``modules_to_save``, ...
 
 PEFT's update of a module is ``ΔW = (alpha_m / r_m)·B_pt·A_pt`` (rsLoRA: ``alpha_m / sqrt(r_m)``)
-with the output ``x·W_ptᵀ + s·x·A_ptᵀ·B_ptᵀ``; ours is ``y = x·K0 + s·x·A·B`` with A ``(n_in, r)``,
-B ``(r, n_out)``. So ``A_pt = Aᵀ``, ``B_pt = Bᵀ`` for every family — GPT-2 included: its
-``Conv1D`` weight is stored ``(n_in, n_out)`` and PEFT's ``fan_in_fan_out=True`` transposes the
-update, not the factors. Gates (``lora_c``) are folded into B: ``B_pt = (diag(c)·B)ᵀ``.
+with the output ``x·W_ptᵀ + s·x·A_ptᵀ·B_ptᵀ``; ours is ``y = x·K0 + s·x·A·B`` with A
+``(n_in, r)``, B ``(r, n_out)``. So ``A_pt = Aᵀ``, ``B_pt = Bᵀ`` for every family — GPT-2
+included: its ``Conv1D`` weight is stored ``(n_in, n_out)`` and PEFT's ``fan_in_fan_out=True``
+transposes the update, not the factors. Gates (``lora_c``) are folded into B:
+``B_pt = (diag(c)·B)ᵀ``.
 
 **Module names.** Hugging Face's Flax models use the PyTorch module names (``encoder/layer/0/
 attention/self/query`` ↔ ``encoder.layer.0.attention.self.query``, T5's ``block.0.layer.1.
@@ -144,7 +145,8 @@ def _slices(path: Path, node: Mapping, ranks: Mapping[str, Any] | None):
   out = []
   for index, (a_i, b_i, r_i) in enumerate(zip(a_list, b_list, live)):
     if not 0 < r_i <= a_i.shape[-1]:
-      raise ValueError(f"rank {r_i} for {dotted(path)} (slice {index}) is not in 1..{a_i.shape[-1]}")
+      raise ValueError(f"rank {r_i} for {dotted(path)} (slice {index}) is not in "
+                       f"1..{a_i.shape[-1]}")
     dropped = np.linalg.norm(a_i[:, r_i:], axis=0) * np.linalg.norm(b_i[r_i:], axis=1)
     if np.any(dropped != 0):
       raise ValueError(f"adapter {dotted(path)} (slice {index}) has non-zero components beyond its "
@@ -174,7 +176,7 @@ def _most_common(values: list[Any]) -> Any:
 
 
 def _saved_subtrees(tree: Any, config: LoRAConfig) -> list[tuple[Path, Any]]:
-  """The ``modules_to_save`` subtrees of a trainable tree; any other non-adapter leaf is an error."""
+  """The ``modules_to_save`` subtrees of a trainable tree; other non-adapter leaves are errors."""
   found: list[tuple[Path, Any]] = []
 
   def walk(path: Path, node: Any) -> None:

@@ -6,8 +6,9 @@ they agree, so edit the cells here and rerun::
   python notebooks/build.py           # rewrite notebooks/*.ipynb
   python notebooks/build.py --check   # exit 1, naming the files, if any notebook differs
 
-Every notebook opens with a Colab badge, an install cell (pip-installs the package from its git
-repository on Colab, does nothing where ``lorapro_jax`` is importable) and a cell tagged
+Every notebook opens with a Colab badge, an install cell (on Colab: clones the repository and
+pip-installs it editable, so that ``experiments/`` is importable too; where ``lorapro_jax`` is
+already importable it does nothing) and a cell tagged
 ``parameters`` whose sizes shrink to tiny, offline values when ``LORAPRO_NOTEBOOK_TINY=1`` (the
 test suite sets it; papermill users can instead override the names of that cell). The last cell
 of each notebook asserts the outcome the notebook is about.
@@ -50,7 +51,7 @@ INSTALL = code(f"""
     REPOSITORY = "{REPOSITORY}"
     if importlib.util.find_spec("lorapro_jax") is None:
       if importlib.util.find_spec("google.colab") is None:
-        raise ImportError(f"lorapro_jax is not installed: git clone {{REPOSITORY}} && pip install -e 'lorapro_jax[hf]'")
+        raise ImportError(f"lorapro_jax is not installed: git clone {{REPOSITORY}} && pip install -e './lorapro_jax[hf]'")
       subprocess.run(["git", "clone", "-q", "--depth=1", REPOSITORY, "/content/lorapro_jax"], check=True)
       pip = [sys.executable, "-m", "pip", "install", "-q"]
       subprocess.run(pip + ["-e", "/content/lorapro_jax[hf]", "vaderSentiment"], check=True)
@@ -265,7 +266,8 @@ LORA_VS_LORAPRO = [
     `P_A·G + G·P_B − P_A·G·P_B`, in closed form (r × r algebra only).
 
     Below: the picture on one matrix, then the cosine of `g̃` to `G` along training and the loss
-    curves, on a synthetic regression and on the real pretrained MiniLM-L6.
+    curves of LoRA, LoRA-Pro and full fine-tuning, on a synthetic least-squares task and on the
+    real pretrained MiniLM-L6.
     """),
     INSTALL,
     code(f"""
@@ -293,7 +295,6 @@ LORA_VS_LORAPRO = [
     import jax.numpy as jnp
     import matplotlib.pyplot as plt
     import numpy as np
-    import optax
 
     from lorapro_jax import equivalent_gradient
 
@@ -355,7 +356,10 @@ LORA_VS_LORAPRO = [
 
     Least squares `½·mean‖x·K − y‖²` on one kernel, with targets from `K_true = K0 + (rank-r
     matrix)`: the adapters can reach the optimum exactly, so differences come from the direction
-    of the steps alone.
+    of the steps alone. The cosines measure the direction of the raw step, before Adam: in the
+    efficient mode AdamW's per-factor normalisation then rescales the adjusted gradients, so a
+    better-aligned gradient need not mean a faster loss decrease; the full mode keeps Adam's
+    moments on the full-rank `g̃` itself.
     """),
     code("""
     synthetic = gradient_alignment.run(gradient_alignment.synthetic_task(rank=RANK), SYNTHETIC_STEPS, 1e-2)

@@ -4,19 +4,20 @@ committed step: the subprocess that ``tests/test_checkpoint.py`` kills with SIGK
 Model: two frozen kernels with LoRA pairs (one gated with ``lora_c``), a squared loss on a
 deterministic stream of batches (batch t is drawn from ``default_rng(t)``), input dropout drawn
 from the state's rng key, so that the step, the key, the data position and every moment must come
-back exactly. Optimizer: LoRA-Pro in full mode (``lorapro_jax.lora_pro``), followed by dynamic rank
-when ``lorapro_jax.dynamic_rank`` is present. Train step: ``lorapro_jax.train.make_train_step``
+back exactly. Optimizer: LoRA-Pro in full mode (``lorapro_jax.lora_pro``, full-rank Adam moments)
+followed by dynamic rank (EMA scores, masks). Train step: ``lorapro_jax.train.make_train_step``
 (jit, donated state).
 
 Prints one line per event (``step t``, ``save t``, ``done``) so the parent can kill it at chosen
-points. ``--kill-after-save t`` makes the process SIGKILL itself right after the asynchronous save
-of step t was started, i.e. while Orbax is still writing it. At the end the final state is written
-to ``--out`` (safetensors, keys = leaf paths).
+points. ``--kill-after-save t`` makes the process SIGKILL itself after the asynchronous save of
+step t was started, as soon as Orbax's temporary directory for it appears (mid-write). At the end
+the final state is written to ``--out`` (safetensors, keys = leaf paths).
 """
 import argparse
 import os
 import signal
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,8 @@ import numpy as np
 import optax
 
 from lorapro_jax.checkpoint import TrainCheckpointer, named_leaves
+from lorapro_jax.dynamic_rank import dynamic_rank
+from lorapro_jax.lora_pro import lora_pro
 from lorapro_jax.train import TrainState, make_train_step
 
 N_IN, HIDDEN, N_OUT, RANK, BATCH = 12, 10, 6, 4, 8
@@ -68,14 +71,19 @@ def make_loss(base):
 
 
 def make_optimizer(total_steps):
-  from lorapro_jax.lora_pro import lora_pro
   optimizer = lora_pro(optax.cosine_decay_schedule(3e-2, total_steps), scale=SCALE, mode="full",
                        weight_decay=0.01)
-  try:
-    from lorapro_jax.dynamic_rank import dynamic_rank
-  except ImportError:
-    return optimizer
   return optax.chain(optimizer, dynamic_rank(total_steps, target_rank=RANK // 2, interval=2))
+
+
+def _kill_once_writing(directory, step):
+  """SIGKILLs this process as soon as Orbax's temporary directory of ``step`` exists, i.e. in
+  the middle of the asynchronous write (the rename that commits it comes last)."""
+  for _ in range(20000):
+    if any(name.startswith(f"{step}.") for name in os.listdir(directory)):
+      break
+    time.sleep(0.0001)
+  os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main():
@@ -90,9 +98,6 @@ def main():
   optimizer = make_optimizer(args.steps)
   train_step = make_train_step(make_loss(frozen_base()), optimizer, donate=True)
   state = TrainState.create(None, initial_adapters(), optimizer, jax.random.key(7))
-  # optimizer.init may put one array at two places of the state (dynamic_rank's mask and
-  # final_mask start as the same array), which a donating step refuses: own buffers for each leaf
-  state = jax.tree.map(jnp.copy, state)
   position = 0
   checkpoints = TrainCheckpointer(args.dir, CONFIG, keep=2, async_save=True,
                                   save_interval_steps=args.save_every)
@@ -108,7 +113,7 @@ def main():
     if checkpoints.save(state, data_position={"next_batch": position}):
       print(f"save {step}", flush=True)
       if step == args.kill_after_save:
-        os.kill(os.getpid(), signal.SIGKILL)
+        _kill_once_writing(args.dir, step)
   checkpoints.close()
 
   from safetensors.numpy import save_file

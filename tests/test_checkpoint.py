@@ -261,7 +261,8 @@ def test_mismatched_shape_or_structure_names_the_leaf(tmp_path):
     TrainCheckpointer(tmp_path, CONFIG).restore(wider)
   plain = _state()
   plain = plain.replace(trainable={**plain.trainable, "extra": jnp.zeros(2)})
-  with pytest.raises(CheckpointMismatchError, match=r"trainable/extra: missing from the checkpoint"):
+  with pytest.raises(CheckpointMismatchError,
+                     match=r"trainable/extra: missing from the checkpoint"):
     TrainCheckpointer(tmp_path, CONFIG).restore(plain)
   assert _tree_digest(tmp_path) == before
 
@@ -275,7 +276,8 @@ def test_truncated_array_file_is_a_clear_error(tmp_path):
     with open(path, "r+b") as handle:
       handle.truncate(max(os.path.getsize(path) // 3, 1))
   before = _tree_digest(tmp_path)
-  with pytest.raises(CheckpointCorruptError, match=r"cannot read the array(s| metadata) of checkpoint step 2"):
+  with pytest.raises(CheckpointCorruptError,
+                     match=r"cannot read the array(s| metadata) of checkpoint step 2"):
     TrainCheckpointer(tmp_path, CONFIG).restore(state)
   assert _tree_digest(tmp_path) == before
   assert TrainCheckpointer(tmp_path, CONFIG).restore(state, step=1).step == 1
@@ -285,7 +287,8 @@ def test_truncated_metadata_is_a_clear_error(tmp_path):
   state = _saved(tmp_path)
   meta_file = tmp_path / "2" / "meta" / "metadata"
   meta_file.write_bytes(meta_file.read_bytes()[:10])
-  with pytest.raises(CheckpointCorruptError, match=r"cannot read the metadata of checkpoint step 2"):
+  with pytest.raises(CheckpointCorruptError,
+                     match=r"cannot read the metadata of checkpoint step 2"):
     TrainCheckpointer(tmp_path, CONFIG).restore(state)
 
 

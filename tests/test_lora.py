@@ -34,8 +34,9 @@ def randomize(params, key, names=("lora_a", "lora_b", "lora_c")):
     (dict(rank=0), "rank"), (dict(rank=-3), "rank"), (dict(rank=2.5), "rank"),
     (dict(rank=True), "rank"), (dict(alpha=0.0), "alpha"), (dict(alpha=-1), "alpha"),
     (dict(dropout=-0.1), "dropout"), (dict(dropout=1.0), "dropout"), (dict(init="xavier"), "init"),
-    (dict(targets=()), "targets"), (dict(targets=("re:(",)), "regex"), (dict(targets=("",)), "targets"),
-    (dict(rank_pattern={"q": 0}), "rank_pattern"), (dict(alpha_pattern={"q": -2.0}), "alpha_pattern"),
+    (dict(targets=()), "targets"), (dict(targets=("re:(",)), "regex"),
+    (dict(targets=("",)), "targets"), (dict(rank_pattern={"q": 0}), "rank_pattern"),
+    (dict(alpha_pattern={"q": -2.0}), "alpha_pattern"),
 ])
 def test_bad_config_raises_naming_the_value(kwargs, message):
   with pytest.raises(ValueError, match=message):

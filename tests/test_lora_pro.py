@@ -358,6 +358,26 @@ def test_full_mode_inner_adam_equals_default():
   assert mu["gated"].shape == (8, 6)
 
 
+def test_full_mode_with_factored_inner():
+  """A factored second moment (Adafactor's) as ``inner``: state O(n_in + n_out) per pair, and the
+  step is that transform's direction on g_eq, projected back with the Sylvester closed form."""
+  params, grads = (t["encoder"]["query"] for t in _random_tree(12))
+  params, grads = {"layer": params}, {"layer": grads}
+  inner = optax.scale_by_factored_rms(min_dim_size_to_factor=4)
+  optimizer = lora_pro(1e-2, 2.0, mode="full", inner=inner)
+  state = optimizer.init(params)
+  updates, state = jax.jit(optimizer.update)(grads, state, params)
+  factored = state[0].inner
+  assert {factored.v_row["layer"].shape, factored.v_col["layer"].shape} == {(12,), (10,)}
+  node, raw = params["layer"], grads["layer"]
+  g_eq = jit_equivalent(node["lora_a"], node["lora_b"], raw["lora_a"], raw["lora_b"], 2.0)
+  u, _ = inner.update(g_eq, inner.init(g_eq), 2.0 * node["lora_a"] @ node["lora_b"])
+  expected = adjust(node["lora_a"], node["lora_b"], 2.0 * u @ node["lora_b"].T,
+                    2.0 * node["lora_a"].T @ u, 2.0)
+  np.testing.assert_allclose(updates["layer"]["lora_a"], -1e-2 * expected[0], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(updates["layer"]["lora_b"], -1e-2 * expected[1], rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 def test_learning_rate_schedule(mode):
   """Updates are linear in the learning rate: a schedule gives schedule(t) x the unit-lr update."""
@@ -519,3 +539,34 @@ def test_lorapro_equivalent_gradient_aligns_better_with_full_gradient():
     assert np.all(cos_pro <= 1 + 1e-6)
   # both runs start from the same point: identical first loss and cosines
   assert results["lora"]["loss"][0] == results["lorapro_efficient"]["loss"][0]
+
+
+def test_linalg_zero_components_are_deflated_exactly():
+  """A component with a zero column in the factor gets exactly zero rows/columns in the ridge
+  inverse and in Y; the live block is the ridge inverse / Sylvester solution of the live block."""
+  from lorapro_jax.linalg import eigh_psd, refine_values, ridge_inverse, solve_sylvester
+  with jax.enable_x64(True):
+    keys = jax.random.split(jax.random.PRNGKey(13), 3)
+    factor_a = jax.random.normal(keys[0], (9, 4), jnp.float64).at[:, 2].set(0.0)
+    factor_b = jax.random.normal(keys[1], (7, 4), jnp.float64).at[:, 0].set(0.0)
+    rhs = jax.random.normal(keys[2], (4, 4), jnp.float64)
+
+    def decompose(factor):
+      eig = eigh_psd((factor.T @ factor)[None])
+      return refine_values(eig, jnp.sum((factor @ eig.vectors[0]) ** 2, axis=0)[None])
+
+    eig_a, eig_b = decompose(factor_a), decompose(factor_b)
+    inverse = np.asarray(ridge_inverse(eig_a, 1e-8)[0])
+    live = np.array([0, 1, 3])
+    np.testing.assert_array_equal(inverse[2], 0.0)
+    np.testing.assert_array_equal(inverse[:, 2], 0.0)
+    gram_live = np.asarray(factor_a)[:, live].T @ np.asarray(factor_a)[:, live]
+    np.testing.assert_allclose(inverse[np.ix_(live, live)],
+                               np.linalg.inv(gram_live + 1e-8 * np.eye(3)), rtol=1e-10)
+    y = np.asarray(solve_sylvester(eig_a, eig_b, rhs[None])[0])
+    np.testing.assert_array_equal(y[2], 0.0)
+    np.testing.assert_array_equal(y[:, 0], 0.0)
+    gram_a, gram_b = (np.asarray(f.T @ f) for f in (factor_a, factor_b))
+    residual = gram_a @ y + y @ gram_b - np.asarray(rhs)
+    rows, cols = np.array([0, 1, 3]), np.array([1, 2, 3])
+    assert np.abs(residual[np.ix_(rows, cols)]).max() < 1e-10 * np.abs(rhs).max()

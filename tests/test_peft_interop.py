@@ -22,7 +22,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
-from transformers.modeling_flax_pytorch_utils import load_flax_checkpoint_in_pytorch_model  # noqa: E402
+from transformers.modeling_flax_pytorch_utils import (  # noqa: E402
+    load_flax_checkpoint_in_pytorch_model)
 
 from lorapro_jax.adapters import adapter_paths, map_adapters  # noqa: E402
 from lorapro_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError  # noqa: E402
@@ -228,7 +229,8 @@ def test_merged_export_loads_in_flax_and_pytorch(tmp_path):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     torch_merged = load_flax_checkpoint_in_pytorch_model(
-        T.BertForSequenceClassification(bert.config), str(tmp_path / "merged" / "flax_model.msgpack"))
+        T.BertForSequenceClassification(bert.config),
+        str(tmp_path / "merged" / "flax_model.msgpack"))
   np.testing.assert_allclose(bert.torch_output(torch_merged.eval()), ours, atol=ATOL, rtol=0)
 
 

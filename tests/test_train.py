@@ -186,3 +186,59 @@ def test_fit_logs_selects_best_and_writes_results(tmp_path):
   best_state = state.replace(trainable=jax.tree.map(jnp.asarray, results["best_trainable"]))
   assert evaluate_fn(best_state)["accuracy"] == best["accuracy"]
   assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
+
+
+# ------------------------------------------------------------------- adapters on a frozen base
+
+
+def test_lora_step_updates_adapters_only_and_matches_a_hand_written_step():
+  import flax.linen as nn
+  from lorapro_jax.dynamic_rank import dem_penalty
+  from lorapro_jax.inject import combine, init_adapters, inject
+  from lorapro_jax.lora import LoRAConfig
+  from lorapro_jax.train import dem_regularizer, make_optimizer
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="out")(nn.tanh(nn.Dense(8, name="hidden")(x)))
+
+  data, _ = _problem(d=6, k=3)
+  batch = {k: v[:16] for k, v in data.items()}
+  base = Net().init(jax.random.key(0), batch["x"])["params"]
+  config = LoRAConfig(rank=2, alpha=4.0, targets=("hidden", "out"), gated=True)
+  model = inject(Net(), config)
+  trainable = init_adapters(model, base, jax.random.key(1), batch["x"])
+  loss_fn = lambda params, b, rng: _linear_like(model, params, b)
+  optimizer = make_optimizer("dynamic_rank", 1e-2, total_steps=10, target_rank=1, clip_norm=0.5)
+  regularizer = dem_regularizer(0.3, total_steps=10)
+  state = TrainState.create(base, trainable, optimizer, jax.random.key(2))
+  base_before = jax.tree.map(np.asarray, base)
+  new_state, out = make_train_step(loss_fn, optimizer, regularizer=regularizer)(state, batch)
+
+  def objective(t):  # the step's objective, written out by hand
+    return loss_fn(combine(base, t), batch, None)[0] + 0.3 * dem_penalty(t)
+
+  grads = jax.grad(objective)(trainable)
+  updates, _ = optimizer.update(grads, optimizer.init(trainable), trainable)
+  chex.assert_trees_all_close(new_state.trainable, optax.apply_updates(trainable, updates),
+                              rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, new_state.base), base_before)
+  assert set(jax.tree.leaves(jax.tree.map(lambda x: x.shape, new_state.trainable)))
+  assert float(out["loss"]) == pytest.approx(float(loss_fn(combine(base, trainable), batch, None)[0]))
+
+
+def _linear_like(model, params, batch):
+  logits = model.apply({"params": params}, batch["x"])
+  log_probs = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(log_probs, batch["labels"][:, None], 1)), logits
+
+
+def test_make_optimizer_rejects_bad_methods_and_missing_arguments():
+  from lorapro_jax.train import make_optimizer
+  with pytest.raises(ValueError, match="unknown method 'qlora'"):
+    make_optimizer("qlora", 1e-3)
+  with pytest.raises(ValueError, match="needs the LoRA scale"):
+    make_optimizer("lora_pro", 1e-3)
+  with pytest.raises(ValueError, match="needs total_steps and target_rank"):
+    make_optimizer("dynamic_rank", 1e-3)
