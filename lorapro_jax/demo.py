@@ -117,8 +117,8 @@ def build_method(method: str, encoder: nn.Module, encoder_params: Any, example: 
   return model, base, trainable, optimizer, regularizer, config, schedule
 
 
-def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 400, batch_size: int = 32,
-        eval_every: int = 100, max_length: int = 8, seed: int = 0, progress: bool = True,
+def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 200, batch_size: int = 32,
+        eval_every: int = 50, max_length: int = 8, seed: int = 0, progress: bool = True,
         quick: bool = False) -> dict[str, Any]:
   """Trains every method, writes the outputs, returns the results table as a dict."""
   from transformers import FlaxBertModel
@@ -169,12 +169,13 @@ def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 400, batch_siz
     if config is not None and method.endswith("dynamic_rank"):
       ranks[method] = live_ranks(state)
     del state
-  payload = {"task": "VADER word sentiment (|mean| >= 0.5), 20% seeded dev split",
-             "model": "all-MiniLM-L6-v2 (pretrained) + mean pooling + linear head",
-             "steps": steps, "batch_size": batch_size, "dev_size": int(len(dev["labels"])),
-             "train_size": int(len(train["labels"])), "methods": rows, "loss_curves": curves,
-             "rank_allocation": ranks}
-  write_json(os.path.join(out_dir, "results.json"), payload)
+    payload = {"task": "VADER word sentiment (|mean| >= 0.5), 20% seeded dev split",
+               "model": "all-MiniLM-L6-v2 (pretrained) + mean pooling + linear head",
+               "steps": steps, "batch_size": batch_size, "dev_size": int(len(dev["labels"])),
+               "train_size": int(len(train["labels"])), "methods": rows, "loss_curves": curves,
+               "rank_allocation": ranks}
+    write_json(os.path.join(out_dir, "results.json"), payload)  # after each method: partial
+
   plot_loss_curves(curves, os.path.join(out_dir, "loss_curves.png"))
   for method, pattern in ranks.items():
     plot_rank_allocation(pattern, method, os.path.join(out_dir, f"rank_allocation_{method}.png"))
@@ -247,7 +248,7 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--quick", action="store_true", help="a short smoke run (40 steps)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
-  steps = args.steps or (40 if args.quick else 400)
+  steps = args.steps or (40 if args.quick else 200)
   payload = run(args.methods, args.out, steps=steps, batch_size=args.batch_size,
                 eval_every=max(steps // 4, 1), seed=args.seed, progress=not args.no_progress,
                 quick=args.quick)
