@@ -48,6 +48,7 @@ TARGETS = ("query", "key", "value", "attention/output/dense", "intermediate/dens
 LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "lora_pro": 1e-3, "dynamic_rank": 1e-3,
                   "lora_pro_dynamic_rank": 1e-3}
 DEM_WEIGHT = 0.1  # eta of dynamic rank's DEM regulariser
+MIN_MARGIN = 0.10  # every method must beat the majority class on dev by this much
 
 
 def minilm_path() -> str:
@@ -245,17 +246,25 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--steps", type=int, default=None, help="updates per method")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quick", action="store_true", help="a short smoke run (40 steps)")
+  parser.add_argument("--quick", action="store_true",
+                      help="a short smoke run (40 steps, 256 dev words, no margin check)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   steps = args.steps or (40 if args.quick else 200)
+  started = time.perf_counter()
   payload = run(args.methods, args.out, steps=steps, batch_size=args.batch_size,
                 eval_every=max(steps // 4, 1), seed=args.seed, progress=not args.no_progress,
                 quick=args.quick)
   print(f"\nVADER word sentiment, dev set of {payload['dev_size']} words, {steps} steps of "
         f"{args.batch_size}:")
   print(format_table(payload))
-  print(f"\nwrote {os.path.join(args.out, 'results.json')} and the plots")
+  short = [m for m, row in payload["methods"].items() if row["margin_over_majority"] < MIN_MARGIN]
+  print(f"\nevery method beats the majority-class baseline by >= {100 * MIN_MARGIN:.0f} points: "
+        f"{'yes' if not short else 'NO: ' + ', '.join(short)}")
+  print(f"total wall time {time.perf_counter() - started:.0f} s; wrote "
+        f"{os.path.join(args.out, 'results.json')} and the plots")
+  if short and not args.quick:
+    raise SystemExit(1)
   return payload
 
 

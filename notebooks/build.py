@@ -208,7 +208,10 @@ QUICKSTART = [
       rng; the frozen base is never written) resumes training exactly.
     * The **PEFT export** (`adapter_model.safetensors` + `adapter_config.json`) is what
       `peft.PeftModel.from_pretrained` loads on top of the PyTorch model; reading it back here must
-      give the same outputs.
+      give the same outputs. Module names follow the param tree: `encoder.` (the classifier's
+      encoder) + BERT's own PyTorch names, and `classifier`; a PyTorch module built the same way
+      (`encoder` a `BertModel`, `classifier` a `Linear`) loads it as it is, and `prefix=` maps the
+      names onto other wrappers.
     """),
     code("""
     import tempfile
