@@ -140,7 +140,10 @@ def minilm_task(n_words: int = 64, seq_len: int = 8, rank: int = 8, alpha: float
   model = inject(bert.module, config)
   base = bert.params
   adapters = init_adapters(model, base, jax.random.PRNGKey(seed), ids, mask)
-  head = {"kernel": jnp.zeros((bert.config.hidden_size, 1)), "bias": jnp.zeros((1,))}
+  # a random (not zero) head, so that the kernels' gradient G is not zero at the first step
+  hidden_size = bert.config.hidden_size
+  head = {"kernel": jax.random.normal(jax.random.PRNGKey(seed + 1), (hidden_size, 1))
+                    / np.sqrt(hidden_size), "bias": jnp.zeros((1,))}
   trainable = {"bert": adapters, "head": head}
 
   def loss(base, trainable):

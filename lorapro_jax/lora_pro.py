@@ -196,7 +196,10 @@ def _apply(factors: _Factors, grad_a, grad_b, coefficients: _Coefficients):
 
 
 def _equivalent(factors: _Factors, grad_a, grad_b) -> jax.Array:
-  return factors.scale * (grad_a @ factors.b + factors.a @ grad_b)
+  """``s·(gA·B + A·gB)`` as ONE product ``(s·[gA, A])·[B; gB]``: the kernel-sized result is written
+  once (the scale is applied to an n x 2r operand, not to the kernel)."""
+  left = factors.scale * jnp.concatenate([grad_a, factors.a], axis=-1)
+  return left @ jnp.concatenate([factors.b, grad_b], axis=-2)
 
 
 def _adjust_flat(factors, grads, x_mode, ridge, y=None):
@@ -430,7 +433,7 @@ def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, rest:
     directions = [u.reshape(f.a.shape[:-1] + f.b.shape[-1:]).astype(f.a.dtype)
                   for u, f in zip(_unnest(directions, paths), factors)]
     # Raw gradients of the direction: s·U·Bᵀ and s·Aᵀ·U; both r x r statistics are s·Aᵀ·U·Bᵀ.
-    projected = [(f.scale * (u @ f.b.mT), f.scale * (f.a.mT @ u)) for f, u in zip(factors, directions)]
+    projected = [(u @ (f.scale * f.b).mT, (f.scale * f.a).mT @ u) for f, u in zip(factors, directions)]
     cross = [_gram(f.a, ga) for f, (ga, _) in zip(factors, projected)]
     coefficients = groups.coefficients(cross, cross, x_mode)
     new = {path: _apply(f, ga, gb, c)

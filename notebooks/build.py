@@ -495,8 +495,7 @@ DYNAMIC_RANK = [
                                scale=config.scales(trainable), total_steps=STEPS, target_rank=TARGET_RANK,
                                dynamic_rank_options={"interval": INTERVAL})
     state = TrainState.create(base, trainable, optimizer, jax.random.key(2))
-    # donate=False: dynamic_rank's initial state shares one buffer between mask and final_mask.
-    train_step = make_train_step(loss_fn, optimizer, regularizer=regularizer, donate=False)
+    train_step = make_train_step(loss_fn, optimizer, regularizer=regularizer)
     batches = BatchIterator(train, BATCH_SIZE, seed=0)
 
     losses, live = [], []
@@ -650,6 +649,7 @@ SCALING_OUT = [
       optimizer = make_optimizer(METHOD, schedule, scale=config.scales(trainable),
                                  weight_decay=recipe.weight_decay, clip_norm=recipe.clip_norm)
       state = TrainState.create(base, trainable, optimizer, jax.random.key(2))
+      # donate=False: both runs start from the same arrays, which a donating step would consume.
       if mesh is None:
         train_step, place = make_train_step(loss_fn, optimizer, donate=False), lambda batch: batch
       else:
