@@ -9,6 +9,8 @@ apply, params and state donated), timed as the median of ``--steps`` calls after
 * ``lorapro_efficient`` / ``lorapro_full``: :func:`lorapro_jax.lora_pro` in its two modes;
 * ``lorapro_full_fused_geq``: ``lorapro_full`` with the equivalent gradient built by one product
   (``equivalent_one_dot``, a proposed change measured here, not the library's code);
+* ``lorapro_full_factored``: full mode with ``inner=optax.scale_by_factored_rms()`` (Adafactor's
+  factored second moment, no first moment: state O(n_in + n_out) per kernel);
 * ``adamw_full_rank``: ``optax.adamw`` on the full-rank float32 kernels of the same 154 layers
   (what ``lorapro_full`` does in essence: its moments have those shapes).
 
@@ -75,13 +77,15 @@ def optimizer_for(variant: str, scale: float):
       "lorapro_efficient": lambda: lora_pro(lr, scale, mode="efficient"),
       "lorapro_full": lambda: lora_pro(lr, scale, mode="full"),
       "lorapro_full_fused_geq": lambda: lora_pro(lr, scale, mode="full"),
+      "lorapro_full_factored": lambda: lora_pro(lr, scale, mode="full",
+                                                inner=optax.scale_by_factored_rms()),
   }[variant]()
 
 
 def equivalent_one_dot(factors, grad_a, grad_b):
   """Proposed change to ``lorapro_jax.lora_pro._equivalent`` (an experiment, patched in here only):
-  ``s·(gA·B + A·gB)`` as ONE product of contraction 2r, ``[gA | A]·[B ; gB]``, so the n_in x n_out
-  result is written once instead of two products and a sum."""
+  ``s·(gA·B + A·gB)`` as ONE product of contraction 2r, ``[gA | A]·[B ; gB]``, so the
+  n_in x n_out result is written once instead of two products and a sum."""
   left = jnp.concatenate([grad_a, factors.a], axis=-1)
   right = jnp.concatenate([factors.b, grad_b], axis=-2)
   return factors.scale * (left @ right)

@@ -93,7 +93,8 @@ def main(argv=None):
   if args.hlo and args.out:
     os.makedirs(args.out, exist_ok=True)
     text = train_step.lower(state, data).compile().as_text()
-    with open(os.path.join(args.out, f"hlo_{args.scale}_{args.mode}_u{args.scan_unroll}.txt"), "w") as f:
+    name = f"hlo_{args.scale}_{args.mode}_u{config.scan_unroll}.txt"
+    with open(os.path.join(args.out, name), "w") as f:
       f.write(text)
   for _ in range(3):
     state, metrics = train_step(state, data)
@@ -103,7 +104,7 @@ def main(argv=None):
     for _ in range(args.steps):
       state, metrics = train_step(state, data)
     jax.block_until_ready((state, metrics))
-  print(f"== profile {args.scale} {args.mode} remat={args.remat} scan_unroll={args.scan_unroll}")
+  print(f"== profile {args.scale} {args.mode} remat={args.remat} scan_unroll={config.scan_unroll}")
   summarise(trace_dir, args.steps, args.top)
 
 

@@ -21,6 +21,10 @@ def table(rows: list[dict]) -> str:
   latest = {}
   for row in rows:  # a later measurement of the same (scale, framework, mode) replaces the earlier
     latest[(row["scale"], row["framework"], row["mode"])] = row
+  # the JAX rows that were run with the layer loop scanned (not unrolled) say so
+  for (_, framework, mode), row in latest.items():
+    if row.get("scan_unroll") == 1:
+      row["mode"] = mode + " (scanned)"
   lines = []
   for scale in ("1b", "base", "tiny"):
     present = [(f, m) for f, m in ORDER if (scale, f, m) in latest]
@@ -39,7 +43,7 @@ def table(rows: list[dict]) -> str:
       vs_ours = r["ms_per_step"] / ours["ms_per_step"] if ours else None
       vs_peft = r["tokens_per_s"] / peft["tokens_per_s"] if peft else None
       lines.append(
-          f"| {framework} | {mode} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
+          f"| {framework} | {r['mode']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | "
           f"{r['model_tflops']:.1f} | {fmt(r['mfu'], '.1%')} | {fmt(r['peak_gib'], '.2f')} | "
           f"{fmt(vs_ours, '.3f')} | {fmt(vs_peft, '.2f')} |")
   return "\n".join(lines)

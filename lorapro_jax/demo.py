@@ -223,8 +223,7 @@ def plot_rank_allocation(pattern: dict[str, int], method: str, path: str) -> Non
 
   figure = plot_rank_heatmap(pattern, cell=cell,
                              title=f"{method}: live rank per kernel (target average 8)")
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def format_table(payload: dict[str, Any]) -> str:

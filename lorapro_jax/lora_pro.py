@@ -202,19 +202,26 @@ def _equivalent(factors: _Factors, grad_a, grad_b) -> jax.Array:
   return left @ jnp.concatenate([factors.b, grad_b], axis=-2)
 
 
+def _statistics(factors, grads):
+  """The r x r statistics ``Aᵀ·gA_l`` and ``gB_l·Bᵀ`` of every pair."""
+  return ([_gram(f.a, ga) for f, (ga, _) in zip(factors, grads)],
+          [_gram(gb.mT, f.b.mT) for f, (_, gb) in zip(factors, grads)])
+
+
 def _adjust_flat(factors, grads, x_mode, ridge, y=None):
   """Adjusted (gA, gB) for flat pairs, batched; ``y`` (per pair) overrides the choice of Y."""
-  groups = _Groups(factors, ridge)
-  coefficients = groups.coefficients(
-      [_gram(f.a, ga) for f, (ga, _) in zip(factors, grads)],
-      [_gram(gb.mT, f.b.mT) for f, (_, gb) in zip(factors, grads)], x_mode, y)
+  coefficients = _Groups(factors, ridge).coefficients(*_statistics(factors, grads), x_mode, y)
   return [_apply(f, ga, gb, c) for f, (ga, gb), c in zip(factors, grads, coefficients)]
+
+
+def _one_pair(a, b, grad_a, grad_b, scale):
+  factors = _factors(a, b, scale)
+  return factors, _flat_grads(factors, grad_a, grad_b, a.shape, b.shape, "pair")
 
 
 def _adjust_with_y(a, b, grad_a, grad_b, scale, y, *, ridge=1e-8):
   """The closed form with a caller-given Y of shape (*stack, r, r) (Y-independence checks)."""
-  factors = _factors(a, b, scale)
-  grads = _flat_grads(factors, grad_a, grad_b, a.shape, b.shape, "pair")
+  factors, grads = _one_pair(a, b, grad_a, grad_b, scale)
   flat_y = jnp.asarray(y).reshape((-1,) + factors.a.shape[-1:] * 2).astype(factors.a.dtype)
   (new_a, new_b), = _adjust_flat([factors], [grads], "zero", ridge, y=[flat_y])
   return new_a.reshape(a.shape).astype(grad_a.dtype), new_b.reshape(b.shape).astype(grad_b.dtype)
@@ -222,11 +229,10 @@ def _adjust_with_y(a, b, grad_a, grad_b, scale, y, *, ridge=1e-8):
 
 def sylvester_y(a, b, grad_a, grad_b, scale, *, ridge=1e-8) -> jax.Array:
   """The Sylvester Y of ``x_mode="sylvester"``, shape (*stack, r, r)."""
-  factors = _factors(a, b, scale)
-  ga, gb = _flat_grads(factors, grad_a, grad_b, a.shape, b.shape, "pair")
-  groups = _Groups([factors], ridge)
-  coefficients, = groups.coefficients([_gram(factors.a, ga)], [_gram(gb.mT, factors.b.mT)],
-                                      "sylvester")
+  _check_options("sylvester", ridge)
+  factors, grads = _one_pair(a, b, grad_a, grad_b, scale)
+  coefficients, = _Groups([factors], ridge).coefficients(*_statistics([factors], [grads]),
+                                                         "sylvester")
   return coefficients.y.reshape(a.shape[:-2] + (a.shape[-1],) * 2)
 
 
@@ -247,8 +253,7 @@ def lora_pro_adjust(a, b, grad_a, grad_b, scale, *, x_mode="sylvester", ridge=1e
     this is exactly ``gA = 0``, ``gB = (1/s)·inv(AᵀA)·Aᵀ·G``.
   """
   _check_options(x_mode, ridge)
-  factors = _factors(a, b, scale)
-  grads = _flat_grads(factors, grad_a, grad_b, a.shape, b.shape, "pair")
+  factors, grads = _one_pair(a, b, grad_a, grad_b, scale)
   (new_a, new_b), = _adjust_flat([factors], [grads], x_mode, ridge)
   return new_a.reshape(a.shape).astype(grad_a.dtype), new_b.reshape(b.shape).astype(grad_b.dtype)
 
@@ -260,8 +265,8 @@ def equivalent_gradient(a, b, grad_a, grad_b, scale, *, ridge=1e-8) -> jax.Array
   the ridge), whatever Y. For the equivalent gradient of *plain* LoRA use
   ``s·(grad_a·B + A·grad_b)`` directly.
   """
-  factors = _factors(a, b, scale)
-  grads = _flat_grads(factors, grad_a, grad_b, a.shape, b.shape, "pair")
+  _check_options("zero", ridge)
+  factors, grads = _one_pair(a, b, grad_a, grad_b, scale)
   (new_a, new_b), = _adjust_flat([factors], [grads], "zero", ridge)
   g_eq = _equivalent(factors, new_a, new_b)
   return g_eq.reshape(a.shape[:-1] + b.shape[-1:]).astype(jnp.result_type(grad_a, grad_b))
@@ -384,8 +389,8 @@ def _without_factors(tree, keys):
       tree, keys=keys)
 
 
-def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, rest: optax.
-                            GradientTransformation, x_mode="sylvester", ridge=1e-8,
+def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation,
+                            rest: optax.GradientTransformation, x_mode="sylvester", ridge=1e-8,
                             keys: AdapterKeys = DEFAULT_KEYS) -> optax.GradientTransformation:
   """The paper's full-rank mode without weight decay and learning rate.
 
@@ -419,9 +424,7 @@ def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, rest:
     if not paths:
       return rest_updates, LoRAProFullState(state.inner, rest_state)
     groups = _Groups(factors, ridge)
-    zero_mode = groups.coefficients([_gram(f.a, ga) for f, (ga, _) in zip(factors, grads)],
-                                    [_gram(gb.mT, f.b.mT) for f, (_, gb) in zip(factors, grads)],
-                                    "zero")
+    zero_mode = groups.coefficients(*_statistics(factors, grads), "zero")
     g_eq = []
     for pair, (ga, gb), coefficients, path in zip(factors, grads, zero_mode, paths):
       node = get_path(params, path)
@@ -433,7 +436,8 @@ def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, rest:
     directions = [u.reshape(f.a.shape[:-1] + f.b.shape[-1:]).astype(f.a.dtype)
                   for u, f in zip(_unnest(directions, paths), factors)]
     # Raw gradients of the direction: s·U·Bᵀ and s·Aᵀ·U; both r x r statistics are s·Aᵀ·U·Bᵀ.
-    projected = [(u @ (f.scale * f.b).mT, (f.scale * f.a).mT @ u) for f, u in zip(factors, directions)]
+    projected = [(u @ (f.scale * f.b).mT, (f.scale * f.a).mT @ u)
+                 for f, u in zip(factors, directions)]
     cross = [_gram(f.a, ga) for f, (ga, _) in zip(factors, projected)]
     coefficients = groups.coefficients(cross, cross, x_mode)
     new = {path: _apply(f, ga, gb, c)

@@ -571,3 +571,48 @@ def test_linalg_zero_components_are_deflated_exactly():
     residual = gram_a @ y + y @ gram_b - np.asarray(rhs)
     rows, cols = np.array([0, 1, 3]), np.array([1, 2, 3])
     assert np.abs(residual[np.ix_(rows, cols)]).max() < 1e-10 * np.abs(rhs).max()
+
+
+def test_with_injected_flax_model_and_config_scales():
+  """End to end with ``inject``: per-layer scales from ``LoRAConfig.scales`` (rank_pattern,
+  alpha_pattern, rsLoRA), and g_eq equal to the tangent projection of the true kernel gradient
+  (the gradient of the frozen base kernel, which enters the model like K)."""
+  import flax.linen as nn
+  from lorapro_jax.inject import combine, init_adapters, inject
+  from lorapro_jax.lora import LoRAConfig
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(5, name="out")(jnp.tanh(nn.Dense(12, name="hidden")(x)))
+
+  with jax.enable_x64(True):
+    keys = jax.random.split(jax.random.PRNGKey(14), 4)
+    x = jax.random.normal(keys[0], (16, 7), jnp.float64)
+    y = jax.random.normal(keys[1], (16, 5), jnp.float64)
+    base = MLP().init(keys[2], x)["params"]
+    config = LoRAConfig(rank=3, alpha=6.0, rslora=True, targets=("hidden", "out"),
+                        rank_pattern={"out": 2}, alpha_pattern={"out": 1.5},
+                        param_dtype=jnp.float64)
+    model = inject(MLP(), config)
+    trainable = init_adapters(model, base, keys[3], x)
+    # B = 0 at init: move B away from zero so that both projections matter
+    noise = iter(jax.random.split(jax.random.PRNGKey(15), 8))
+    trainable = jax.tree.map(
+        lambda p: p + 0.3 * jax.random.normal(next(noise), p.shape, p.dtype), trainable)
+    loss = lambda base, trainable: jnp.mean((model.apply(
+        {"params": combine(base, trainable)}, x) - y) ** 2)
+    base_grads, grads = jax.grad(loss, argnums=(0, 1))(base, trainable)
+    scales = config.scales(trainable)
+    out, _ = jax.jit(lora_pro_project(scales).update)(grads, optax.EmptyState(), trainable)
+    for name, s in (("hidden", 6.0 / np.sqrt(3)), ("out", 1.5 / np.sqrt(2))):
+      assert scales[name] == pytest.approx(s)
+      node, raw, got = trainable[name], grads[name], out[name]
+      expected = adjust(node["lora_a"], node["lora_b"], raw["lora_a"], raw["lora_b"], s)
+      np.testing.assert_allclose(got["lora_a"], expected[0], rtol=1e-9)
+      np.testing.assert_allclose(got["lora_b"], expected[1], rtol=1e-9)
+      a, b, g = (np.asarray(t) for t in (node["lora_a"], node["lora_b"], base_grads[name]["kernel"]))
+      p_a = a @ np.linalg.inv(a.T @ a) @ a.T
+      p_b = b.T @ np.linalg.inv(b @ b.T) @ b
+      g_eq = s * (np.asarray(got["lora_a"]) @ b + a @ np.asarray(got["lora_b"]))
+      assert_close(g_eq, p_a @ g + g @ p_b - p_a @ g @ p_b, 1e-6, name)

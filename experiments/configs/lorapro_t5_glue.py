@@ -2,8 +2,8 @@
 
 r = 8, alpha = 16, lr 1e-4 (all methods), batch 32, 1 epoch, length 128, cosine schedule with
 3% warm-up, 3 seeds; LoRA on every attention and MLP projection of encoder and decoder.
-Paper numbers (dev accuracy %, MCC for CoLA... the paper reports accuracy for all five): mean of
-3 seeds, as printed in the paper's Table 1 (entered by hand: check against the paper).
+Paper numbers: dev accuracy in % for all five tasks (CoLA too, as that table reports it), mean
+of 3 seeds, from the paper's Table 1 (entered by hand: check them against the paper).
 """
 from experiments.configs import ExperimentConfig
 
