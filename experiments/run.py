@@ -22,7 +22,6 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -36,8 +35,8 @@ from experiments.configs import ExperimentConfig, all_configs, get_config  # noq
 from lorapro_jax.data.batching import BatchIterator, eval_batches, tokenize  # noqa: E402
 from lorapro_jax.metrics import compute_metrics  # noqa: E402
 from lorapro_jax.schedules import make_schedule  # noqa: E402
-from lorapro_jax.train import (METHODS, TrainState, dem_regularizer, fit, make_eval_step,  # noqa: E402
-                               make_optimizer, make_train_step, write_json)
+from lorapro_jax.train import (METHODS, TrainState, dem_regularizer, evaluate, fit,  # noqa: E402
+                               make_eval_step, make_optimizer, make_train_step, write_json)
 
 TINY_LENGTH = 16
 
@@ -53,7 +52,7 @@ class Task(NamedTuple):
   predict: Any                # predict(run, batch) -> {"predictions": ...}, run(batch) -> logits
   train: dict[str, np.ndarray]
   dev: dict[str, np.ndarray]
-  score: Any                  # score(predictions, dev arrays, mask) -> metrics
+  score: Any                  # score(predictions, labels, mask) -> metrics
   modules_to_save: tuple[str, ...]
   lora_family: str            # the preset's name
 
@@ -84,8 +83,8 @@ def _cross_entropy(logits, labels, weights=None):
 
 
 def _score_labels(config: ExperimentConfig):
-  def score(predictions, dev, mask):
-    return compute_metrics(config.metrics, predictions, dev["labels"], mask)
+  def score(predictions, labels, mask):
+    return compute_metrics(config.metrics, predictions, labels, mask)
   return score
 
 
@@ -249,11 +248,10 @@ def llama_task(config: ExperimentConfig, *, tiny: bool, random_init: bool, seed:
     offsets = batch["prompt_length"][:, None] + jnp.arange(new_tokens)
     return {"predictions": jnp.take_along_axis(ids, offsets, 1)}
 
-  def score(predictions, dev_arrays, mask):
+  def score(predictions, labels, mask):  # labels: row numbers into the reference answers
     texts = tokenizer.batch_decode(np.asarray(predictions), skip_special_tokens=True)
     predicted = [extract_answer(t) for t in texts]
-    references = [answers[i] for i in np.asarray(dev_arrays["labels"])]
-    return {"exact_match": exact_match(predicted, references, mask)}
+    return {"exact_match": exact_match(predicted, [answers[i] for i in labels], mask)}
 
   example = {k: v[:2] for k, v in train.items()}
   return Task(hf.module, hf.params, example, inputs, loss, predict, train, dev, score, (),
@@ -401,12 +399,8 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   eval_size = min(batch, len(next(iter(task.dev.values()))))
 
   def evaluate_fn(current):
-    outputs, masks = [], []
-    for dev_batch in eval_batches(task.dev, eval_size):
-      outputs.append(np.asarray(jax.device_get(eval_step(current, dev_batch))["predictions"]))
-      masks.append(dev_batch["mask"])
-    return task.score(np.concatenate(outputs), _padded(task.dev, eval_size),
-                      np.concatenate(masks))
+    return evaluate(eval_step, current, eval_batches(task.dev, eval_size), config.metrics,
+                    score_fn=task.score)
 
   saved_steps = set(checkpoints.all_steps())
 
@@ -433,11 +427,6 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   results.pop("best_trainable")
   write_json(os.path.join(run_dir, "results.json"), results)
   return results
-
-
-def _padded(arrays: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-  """The dev arrays in eval-batch order, padded like :func:`eval_batches` pads the last batch."""
-  return {k: np.concatenate([b[k] for b in eval_batches(arrays, batch_size)]) for k in arrays}
 
 
 def main(argv=None) -> None:

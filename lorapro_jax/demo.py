@@ -24,7 +24,6 @@ parameters, median milliseconds per step) and writes into ``--out`` (default ``r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any

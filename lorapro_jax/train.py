@@ -255,10 +255,15 @@ def make_eval_step(predict_fn: Callable[[Any, Mapping[str, jax.Array]], Mapping[
 
 def evaluate(eval_step: Callable[..., dict], state: TrainState,
              batches: Iterable[Mapping[str, np.ndarray]], metric_names: Sequence[str], *,
-             prediction_key: str = "predictions", label_key: str = "labels") -> dict[str, float]:
+             prediction_key: str = "predictions", label_key: str = "labels",
+             score_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], dict] | None = None
+             ) -> dict[str, float]:
   """Runs ``eval_step`` over all batches and scores the unpadded rows (``mask`` == 1).
 
-  Per-row ``loss`` outputs, when ``eval_step`` returns them, are averaged into ``"loss"``.
+  The named metrics of :mod:`lorapro_jax.metrics` compare predictions with ``batch[label_key]``;
+  ``score_fn(predictions, labels, mask) -> metrics`` replaces them where scoring needs more
+  (decoding generated tokens to text, say). Per-row ``loss`` outputs, when ``eval_step`` returns
+  them, are averaged into ``"loss"``.
   """
   predictions, labels, masks, losses = [], [], [], []
   for batch in batches:
@@ -273,7 +278,8 @@ def evaluate(eval_step: Callable[..., dict], state: TrainState,
   if not predictions:
     raise ValueError("evaluation got no batches")
   mask = np.concatenate(masks)
-  results = compute_metrics(metric_names, np.concatenate(predictions), np.concatenate(labels), mask)
+  score = score_fn or (lambda p, l, m: compute_metrics(metric_names, p, l, m))
+  results = dict(score(np.concatenate(predictions), np.concatenate(labels), mask))
   if losses:
     results["loss"] = float(np.sum(np.concatenate(losses) * mask) / np.sum(mask))
   return results
