@@ -32,9 +32,12 @@ if __package__ in (None, ""):  # run as a script: make ``experiments`` importabl
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs import ExperimentConfig, all_configs, get_config  # noqa: E402
-from lorapro_jax.data.batching import BatchIterator, eval_batches, tokenize  # noqa: E402
+from lorapro_jax.data.batching import (BatchIterator, eval_batches, host_shard,  # noqa: E402
+                                       tokenize)
 from lorapro_jax.metrics import compute_metrics  # noqa: E402
 from lorapro_jax.schedules import make_schedule  # noqa: E402
+from lorapro_jax.sharding import (batch_sharding, initialize_distributed, make_mesh,  # noqa: E402
+                                  shard_batch, state_shardings)
 from lorapro_jax.train import (METHODS, TrainState, dem_regularizer, evaluate, fit,  # noqa: E402
                                make_eval_step, make_optimizer, make_train_step, write_json)
 
@@ -335,10 +338,12 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
                    random_init: bool = False, mock_data: bool = False,
                    max_steps: int | None = None, stop_after: int | None = None,
                    batch_size: int | None = None, max_examples: int | None = None,
+                   mesh_shape: tuple[int, int] | None = None,
                    progress: bool = True) -> dict[str, Any]:
   """Trains ``method`` on ``config`` with ``seed``; resumes from ``out_dir``'s newest checkpoint.
 
-  ``max_steps`` shortens the schedule; ``stop_after`` stops (evaluates and checkpoints) at that
+  ``mesh_shape = (data, fsdp)`` trains on a device mesh (:mod:`lorapro_jax.sharding`: base and
+  optimizer state split along fsdp, batches over all devices). ``max_steps`` shortens the schedule; ``stop_after`` stops (evaluates and checkpoints) at that
   step of the unchanged schedule, as a pre-empted job would, so a later call resumes it. Returns
   the results dict that is also written to ``<run dir>/results.json``.
   """
@@ -384,10 +389,21 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
       else None
   compute_dtype = None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
   state = TrainState.create(base, trainable, optimizer, jax.random.key(seed))
+  placement = {}
+  if mesh_shape is not None:
+    mesh = make_mesh(*mesh_shape)
+    shardings = state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    placement = {"state_sharding": shardings, "batch_sharding": batch_sharding(mesh)}
   train_step = make_train_step(model.loss_fn, optimizer, compute_dtype=compute_dtype,
-                               regularizer=regularizer)
+                               regularizer=regularizer, **placement)
   eval_step = make_eval_step(model.predict_fn, compute_dtype=compute_dtype)
-  batches = BatchIterator(task.train, batch, seed=seed)
+  hosts = jax.process_count()
+  if batch % hosts:
+    raise ValueError(f"batch size {batch} does not split over {hosts} hosts")
+  # each host feeds its own rows; shard_batch assembles the global batch from them
+  batches = BatchIterator(host_shard(task.train, jax.process_index(), hosts), batch // hosts,
+                          seed=seed)
   main_metric = config.metrics[0]
   checkpoints = TrainCheckpointer(os.path.join(run_dir, "checkpoints"), lora, keep=2,
                                   best_metric=main_metric)
@@ -413,7 +429,9 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   eval_every = config.eval_every or total_steps
   try:
     state, results = fit(
-        state, train_step, batches, min(stop_after or total_steps, total_steps),
+        state, train_step,
+        batches if mesh_shape is None else (shard_batch(b, mesh) for b in batches),
+        min(stop_after or total_steps, total_steps),
         evaluate_fn=evaluate_fn, eval_every=eval_every,
         best_metric=main_metric, schedule=schedule, log_dir=os.path.join(run_dir, "tb"),
         on_eval=lambda current, metrics: save(current, {main_metric: metrics[main_metric]}),
@@ -443,7 +461,9 @@ def main(argv=None) -> None:
   parser.add_argument("--stop-after", type=int, help="stop at this step (resume later)")
   parser.add_argument("--batch-size", type=int)
   parser.add_argument("--max-examples", type=int)
+  parser.add_argument("--mesh", help="data,fsdp device mesh, e.g. 2,4 (default: one device)")
   args = parser.parse_args(argv)
+  initialize_distributed()  # multi-host when JAX_COORDINATOR_ADDRESS etc. say so
   if args.list or not args.name:
     for name, config in sorted(all_configs().items()):
       print(f"{name:32s} {config.family:8s} {config.model}")
@@ -453,8 +473,9 @@ def main(argv=None) -> None:
     results = run_experiment(config, args.method, seed, out_dir=args.out, tiny=args.tiny,
                              random_init=args.random_init, mock_data=args.mock_data,
                              max_steps=args.max_steps, stop_after=args.stop_after,
-                             batch_size=args.batch_size,
-                             max_examples=args.max_examples)
+                             batch_size=args.batch_size, max_examples=args.max_examples,
+                             mesh_shape=tuple(map(int, args.mesh.split(","))) if args.mesh
+                             else None)
     print(f"{config.name} {args.method} seed {seed}: {results['final']}")
 
 

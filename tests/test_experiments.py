@@ -121,3 +121,16 @@ def test_results_table_aggregates_seeds(tmp_path):
   table = markdown_tables(records)
   assert f"| lora_pro | {mean:.2f} ± {std:.2f} (3) [paper 94.19] |" in table
   assert "sst2 (accuracy)" in table
+
+
+def test_mesh_run_matches_single_device(tmp_path):
+  # 8 fake CPU devices (conftest): data 2 x fsdp 4, LoRA-Pro full mode on a tiny RoBERTa
+  options = {**TINY, "batch_size": 8, "max_examples": 16}
+  single = run_experiment("dora_roberta_glue/mrpc_r8", "lora_pro_full", 0,
+                          out_dir=str(tmp_path / "one"), max_steps=2, **options)
+  meshed = run_experiment("dora_roberta_glue/mrpc_r8", "lora_pro_full", 0,
+                          out_dir=str(tmp_path / "mesh"), max_steps=2, mesh_shape=(2, 4),
+                          **options)
+  np.testing.assert_allclose([h["loss"] for h in meshed["history"]],
+                             [h["loss"] for h in single["history"]], rtol=1e-5)
+  assert meshed["final"] == single["final"]
