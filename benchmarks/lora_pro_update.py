@@ -7,8 +7,6 @@ apply, params and state donated), timed as the median of ``--steps`` calls after
 * ``adamw``: ``optax.adamw`` on the adapters;
 * ``lorapro_project``: ``lora_pro_project`` alone (the adjustment, no Adam);
 * ``lorapro_efficient`` / ``lorapro_full``: :func:`lorapro_jax.lora_pro` in its two modes;
-* ``lorapro_full_fused_geq``: ``lorapro_full`` with the equivalent gradient built by one product
-  (``equivalent_one_dot``, a proposed change measured here, not the library's code);
 * ``lorapro_full_factored``: full mode with ``inner=optax.scale_by_factored_rms()`` (Adafactor's
   factored second moment, no first moment: state O(n_in + n_out) per kernel);
 * ``adamw_full_rank``: ``optax.adamw`` on the full-rank float32 kernels of the same 154 layers
@@ -76,34 +74,13 @@ def optimizer_for(variant: str, scale: float):
       "lorapro_project": lambda: lora_pro_project(scale),
       "lorapro_efficient": lambda: lora_pro(lr, scale, mode="efficient"),
       "lorapro_full": lambda: lora_pro(lr, scale, mode="full"),
-      "lorapro_full_fused_geq": lambda: lora_pro(lr, scale, mode="full"),
       "lorapro_full_factored": lambda: lora_pro(lr, scale, mode="full",
                                                 inner=optax.scale_by_factored_rms()),
   }[variant]()
 
 
-def equivalent_one_dot(factors, grad_a, grad_b):
-  """Proposed change to ``lorapro_jax.lora_pro._equivalent`` (an experiment, patched in here only):
-  ``s·(gA·B + A·gB)`` as ONE product of contraction 2r, ``[gA | A]·[B ; gB]``, so the
-  n_in x n_out result is written once instead of two products and a sum."""
-  left = jnp.concatenate([grad_a, factors.a], axis=-1)
-  right = jnp.concatenate([factors.b, grad_b], axis=-2)
-  return factors.scale * (left @ right)
-
-
 def time_variant(variant: str, layout: str, shape: dict, steps: int, warmup: int) -> dict:
   scale = common.LORA_ALPHA / common.LORA_RANK
-  lora_pro_module = sys.modules["lorapro_jax.lora_pro"]
-  original = lora_pro_module._equivalent
-  if variant == "lorapro_full_fused_geq":
-    lora_pro_module._equivalent = equivalent_one_dot
-  try:
-    return _time_variant(variant, layout, shape, steps, warmup, scale)
-  finally:
-    lora_pro_module._equivalent = original
-
-
-def _time_variant(variant, layout, shape, steps, warmup, scale):
   optimizer = optimizer_for(variant, scale)
   params = adapters(shape, common.LORA_RANK, layout, jax.random.key(0),
                     full_rank=variant == "adamw_full_rank")
