@@ -15,6 +15,11 @@ with the library's own :func:`lorapro_jax.train.make_train_step` (jitted, state 
   modes start from, to separate the transform's cost from the larger rank's.
 
 Usage: python benchmarks/jax_step.py --scale 1b --mode lora [--steps 10] [--out DIR] [--breakdown]
+       [--fsdp N]
+``--fsdp N`` trains on a (data, fsdp) mesh over all devices (:mod:`lorapro_jax.sharding`: base
+and full-rank optimizer state split along fsdp, adapters like their kernels, rows along both
+axes) with the scale's batch per device (weak scaling); the numbers stay per device, and
+``global_tokens_per_s`` and the largest per-device peak memory are added.
 ``--breakdown`` also times the gradient alone (loss + backward, no optimizer), so that the
 optimizer's share of the step is the difference.
 """
@@ -140,17 +145,31 @@ def main(argv=None):
   parser.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--breakdown", action="store_true")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--fsdp", type=int, default=0,
+                      help="shard over all devices on a (data, fsdp) mesh with this fsdp size "
+                           "(0: one device)")
   args = parser.parse_args(argv)
 
   from lorapro_jax.train import TrainState, make_train_step
   model, base, trainable, optimizer, config = build(args.scale, args.mode, args.remat,
                                                     jnp.dtype(args.base_dtype), args.scan_unroll)
   batch, seq_len = common.SCALES[args.scale]["batch"], common.SCALES[args.scale]["seq_len"]
+  devices = jax.device_count() if args.fsdp else 1
+  batch *= devices
   tokens = jax.random.randint(jax.random.key(2), (batch, seq_len + 1), 0, config.vocab_size)
   data = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
   loss_fn = next_token_loss(model)
   state = TrainState.create(base, trainable, optimizer, jax.random.key(3))
-  train_step = make_train_step(loss_fn, optimizer, regularizer=regularizer_for(args.mode))
+  shardings = {}
+  if args.fsdp:
+    from lorapro_jax.sharding import batch_sharding, make_mesh, state_shardings
+    mesh = make_mesh(fsdp=args.fsdp)
+    shardings = dict(state_sharding=state_shardings(state, mesh),
+                     batch_sharding=batch_sharding(mesh))
+    state = jax.device_put(state, shardings["state_sharding"])
+    data = jax.device_put(data, shardings["batch_sharding"])
+  train_step = make_train_step(loss_fn, optimizer, regularizer=regularizer_for(args.mode),
+                               **shardings)
 
   losses = []
   warmup = args.warmup
@@ -189,6 +208,10 @@ def main(argv=None):
 
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
+  if args.fsdp:
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()]
+    stats = {"peak_bytes_in_use": max(peaks)}
+    extra.update(devices=devices, mesh=dict(mesh.shape))
   trainable_count = sum(x.size for x in jax.tree.leaves(state.trainable))
   opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
   result = common.summarize(
@@ -200,6 +223,8 @@ def main(argv=None):
       rank=rank_for(args.mode) if args.mode != "full" else None, trainable_params=trainable_count,
       opt_state_gib=opt_bytes / 2**30, losses=losses,
       versions=dict(jax=jax.__version__), **extra)
+  if args.fsdp:
+    result["global_tokens_per_s"] = result["tokens_per_s"] * devices
   common.write_result(result, args.out)
 
 
