@@ -8,17 +8,18 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from lorapro_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lorapro_jax.models.decoder import DecoderConfig, DecoderForCausalLM
 
 shape = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
              num_kv_heads=2)
 tokens = jax.random.randint(jax.random.key(0), (2, 256), 0, shape["vocab_size"])
-params = LlamaForCausalLM(LlamaConfig(**shape)).init(jax.random.key(1), tokens)["params"]
-reference = LlamaForCausalLM(LlamaConfig(**shape, dtype=jnp.float32, attention="xla")).apply(
+params = DecoderForCausalLM(DecoderConfig(**shape)).init(jax.random.key(1), tokens)["params"]
+reference = DecoderForCausalLM(DecoderConfig(**shape, dtype=jnp.float32, attention="xla")).apply(
     {"params": params}, tokens)
 worst = 0.0
 for impl in ("cudnn", "xla"):
-  logits = LlamaForCausalLM(LlamaConfig(**shape, attention=impl)).apply({"params": params}, tokens)
+  logits = DecoderForCausalLM(DecoderConfig(**shape, attention=impl)).apply({"params": params},
+                                                                             tokens)
   err = float(jnp.linalg.norm(logits.astype(jnp.float32) - reference) / jnp.linalg.norm(reference))
   worst = max(worst, err)
   print(f"attention={impl}: relative error of bf16 logits vs float32 = {err:.2e}")

@@ -46,7 +46,7 @@ def matmul_params(shape: dict) -> int:
 def flops_per_token(shape: dict, seq_len: int, train_base: bool) -> float:
   """6N (full fine-tuning) or 4N (frozen base) + causal attention forward and backward.
 
-  Same count as ``lorapro_jax.models.llama.flops_per_token``: attention forward is
+  Same count as ``lorapro_jax.models.decoder.flops_per_token``: attention forward is
   ``2 * 2 * T * hidden / 2`` per layer and token (QK^T and PV, causal half), times 3 for the
   backward pass. Rank-r adapters (< 1% of the work) and remat recomputation are not counted.
   """

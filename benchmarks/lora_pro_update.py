@@ -5,15 +5,16 @@ float32. Each variant is one jitted ``params, state = step(params, state, grads)
 apply, params and state donated), timed as the median of ``--steps`` calls after warm-up:
 
 * ``adamw``: ``optax.adamw`` on the adapters;
-* ``lorapro_project``: ``lora_pro_project`` alone (the adjustment, no Adam);
-* ``lorapro_efficient`` / ``lorapro_full``: :func:`lorapro_jax.lora_pro` in its two modes;
-* ``lorapro_full_factored``: full mode with ``inner=optax.scale_by_factored_rms()`` (Adafactor's
-  factored second moment, no first moment: state O(n_in + n_out) per kernel);
+* ``lora_pro_project``: ``lora_pro_project`` alone (the adjustment, no Adam);
+* ``lora_pro`` / ``lora_pro_full``: :func:`lorapro_jax.lora_pro.lora_pro` /
+  :func:`lorapro_jax.lora_pro.lora_pro_full`;
+* ``lora_pro_full_factored``: ``lora_pro_full`` with ``inner=optax.scale_by_factored_rms()``
+  (Adafactor's factored second moment, no first moment: state O(n_in + n_out) per kernel);
 * ``adamw_full_rank``: ``optax.adamw`` on the full-rank float32 kernels of the same 154 layers
-  (what ``lorapro_full`` does in essence: its moments have those shapes).
+  (what ``lora_pro_full`` does in essence: its moments have those shapes).
 
 Two layouts of the same adapters: ``stacked`` (7 nodes of shape (22, n_in, r), as the scanned
-model of ``lorapro_jax.models.llama`` holds them) and ``flat`` (154 nodes, one per layer, as an
+model of ``lorapro_jax.models.decoder`` holds them) and ``flat`` (154 nodes, one per layer, as an
 unscanned model holds them).
 
 Usage: python benchmarks/lora_pro_update.py [--tiny] [--steps 20] [--out DIR]
@@ -34,7 +35,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from lorapro_jax.lora_pro import lora_pro, lora_pro_project  # noqa: E402
+from lorapro_jax.lora_pro import lora_pro, lora_pro_full, lora_pro_project  # noqa: E402
 
 
 def layer_shapes(shape: dict) -> dict[str, tuple[int, int]]:
@@ -71,11 +72,11 @@ def optimizer_for(variant: str, scale: float):
   return {
       "adamw": lambda: optax.adamw(lr),
       "adamw_full_rank": lambda: optax.adamw(lr),
-      "lorapro_project": lambda: lora_pro_project(scale),
-      "lorapro_efficient": lambda: lora_pro(lr, scale, mode="efficient"),
-      "lorapro_full": lambda: lora_pro(lr, scale, mode="full"),
-      "lorapro_full_factored": lambda: lora_pro(lr, scale, mode="full",
-                                                inner=optax.scale_by_factored_rms()),
+      "lora_pro_project": lambda: lora_pro_project(scale),
+      "lora_pro": lambda: lora_pro(lr, scale),
+      "lora_pro_full": lambda: lora_pro_full(lr, scale),
+      "lora_pro_full_factored": lambda: lora_pro_full(lr, scale,
+                                                      inner=optax.scale_by_factored_rms()),
   }[variant]()
 
 
@@ -118,8 +119,8 @@ def main(argv=None):
   parser.add_argument("--tiny", action="store_true")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--variants", default="adamw,lorapro_project,lorapro_efficient,"
-                      "lorapro_full,adamw_full_rank")
+  parser.add_argument("--variants", default="adamw,lora_pro_project,lora_pro,lora_pro_full,"
+                      "adamw_full_rank")
   parser.add_argument("--layouts", default="stacked,flat")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)

@@ -81,28 +81,28 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   from lorapro_jax.train import TrainState, make_train_step
-  model, base, trainable, optimizer, config = jax_step.build(args.scale, args.mode, args.remat,
-                                                             jnp.bfloat16, args.scan_unroll)
+  setup = jax_step.build(args.scale, args.mode, args.remat, jnp.bfloat16, args.scan_unroll)
+  config = setup.config
   batch, seq_len = common.SCALES[args.scale]["batch"], common.SCALES[args.scale]["seq_len"]
   tokens = jax.random.randint(jax.random.key(2), (batch, seq_len + 1), 0, config.vocab_size)
   data = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
-  state = TrainState.create(base, trainable, optimizer, jax.random.key(3))
-  train_step = jax.jit(make_train_step(jax_step.next_token_loss(model), optimizer, jit=False,
-                                       regularizer=jax_step.regularizer_for(args.mode)),
+  state, base = TrainState.create(setup.trainable, setup.optimizer, jax.random.key(3)), setup.base
+  train_step = jax.jit(make_train_step(jax_step.next_token_loss(setup.model), setup.optimizer,
+                                       jit=False, regularizer=setup.regularizer),
                        donate_argnums=(0,))
   if args.hlo and args.out:
     os.makedirs(args.out, exist_ok=True)
-    text = train_step.lower(state, data).compile().as_text()
+    text = train_step.lower(state, base, data).compile().as_text()
     name = f"hlo_{args.scale}_{args.mode}_u{config.scan_unroll}.txt"
     with open(os.path.join(args.out, name), "w") as f:
       f.write(text)
   for _ in range(3):
-    state, metrics = train_step(state, data)
+    state, metrics = train_step(state, base, data)
   jax.block_until_ready(state)
   trace_dir = tempfile.mkdtemp()
   with jax.profiler.trace(trace_dir):
     for _ in range(args.steps):
-      state, metrics = train_step(state, data)
+      state, metrics = train_step(state, base, data)
     jax.block_until_ready((state, metrics))
   print(f"== profile {args.scale} {args.mode} remat={args.remat} scan_unroll={config.scan_unroll}")
   summarise(trace_dir, args.steps, args.top)

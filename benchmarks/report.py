@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import sys
 
-ORDER = [("jax", m) for m in ("full", "lora", "lorapro_efficient", "lorapro_full", "dynrank",
-                              "lorapro_dynrank", "lora_r12", "lora_r12_gated")] + [
-    ("torch", m) for m in ("full", "peft_lora", "lorapro_efficient", "lorapro_full")]
+# the method names of lorapro_jax.methods.METHODS (and jax_step.py's controls); results files of
+# earlier runs (benchmarks/results/) used other names: their rows follow, in file order
+ORDER = [("jax", m) for m in ("full", "lora", "rslora", "lora_pro", "lora_pro_full",
+                              "dynamic_rank", "lora_pro_dynamic_rank", "lora_r12",
+                              "lora_r12_gated")] + [
+    ("torch", m) for m in ("full", "lora", "lora_pro", "lora_pro_full")]
 
 
 def fmt(value, spec):
@@ -27,7 +30,8 @@ def table(rows: list[dict]) -> str:
       row["mode"] = mode + " (scanned)"
   lines = []
   for scale in ("1b", "base", "tiny"):
-    present = [(f, m) for f, m in ORDER if (scale, f, m) in latest]
+    present = [(f, m) for f, m in ORDER if (scale, f, m) in latest] + [
+        (f, m) for s, f, m in latest if s == scale and (f, m) not in ORDER]
     if not present:
       continue
     first = latest[(scale,) + present[0]]
@@ -37,7 +41,7 @@ def table(rows: list[dict]) -> str:
               "x our LoRA step | x PEFT tokens/s |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     ours = latest.get((scale, "jax", "lora"))
-    peft = latest.get((scale, "torch", "peft_lora"))
+    peft = latest.get((scale, "torch", "lora"))
     for framework, mode in present:
       r = latest[(scale, framework, mode)]
       vs_ours = r["ms_per_step"] / ours["ms_per_step"] if ours else None

@@ -3,8 +3,8 @@
 The DoRA Table 2 recipe's model (``experiments/configs/dora_roberta_glue.py``: RoBERTa-base,
 sequence classification, batch 32, SST-2's length 128), built from its config with random weights
 (no download), trained on random tokens and labels through the same library path the experiments
-use: :func:`lorapro_jax.models.preset` targets, :func:`lorapro_jax.inject`, ``init_adapters``,
-:func:`lorapro_jax.train.make_optimizer` and ``make_train_step`` (jitted, state donated, bf16
+use: :func:`lorapro_jax.models.preset` targets and the method's adapters and optimizer chain
+from :data:`lorapro_jax.methods.METHODS`, ``make_train_step`` (jitted, state donated, bf16
 compute, float32 adapters and optimizer state). One process per method keeps peak memory clean.
 
 Usage: python benchmarks/roberta_glue_step.py --method lora [--steps 20] [--tiny] [--out DIR]
@@ -22,48 +22,49 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lorapro_jax import TrainState, count_params, init_adapters, inject, make_optimizer
-from lorapro_jax import make_train_step
+from lorapro_jax.dynamic_rank import DynamicRankConfig
+from lorapro_jax.methods import METHODS
 from lorapro_jax.models import hf_example_inputs, preset
+from lorapro_jax.train import TrainState, make_train_step
+from lorapro_jax.trees import count_params
 
-METHODS = ("full", "lora", "lora_pro", "lora_pro_full", "dynamic_rank")
-BATCH, LENGTH, RANK, INITIAL_RANK = 32, 128, 8, 12
+BATCH, LENGTH, RANK = 32, 128, 8
 
 
-def build(method: str, tiny: bool, batch: int, length: int):
+def build(name: str, tiny: bool, batch: int, length: int, total_steps: int):
+  """(model, example inputs, frozen base in bf16, trainable, optimizer, regularizer)."""
   from transformers import FlaxRobertaForSequenceClassification, RobertaConfig
+  method = METHODS[name]
   sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=64) if tiny else {}
   config = RobertaConfig(num_labels=2, max_position_embeddings=length + 4, **sizes)
   hf = FlaxRobertaForSequenceClassification(config, seed=0)
-  rank = INITIAL_RANK if method == "dynamic_rank" else RANK
-  lora = preset("roberta", rank=rank, alpha=2.0 * RANK, gated=method == "dynamic_rank",
-                modules_to_save=("classifier",))
+  # an event every step: the timed steps prune
+  dynamic = (DynamicRankConfig(total_steps=total_steps, target_rank=RANK, interval=1)
+             if method.prunes else None)
+  lora = method.lora_config(preset("roberta", rank=RANK, alpha=2.0 * RANK,
+                                   modules_to_save=("classifier",)), dynamic)
   args, _ = hf_example_inputs(config, batch=batch, seq_len=length)
-  if method == "full":
-    model, base, trainable = hf.module, None, hf.params
-  else:
-    model = inject(hf.module, lora)
-    trainable = init_adapters(model, hf.params, jax.random.key(0), *args)
-    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), hf.params)
-  return model, lora, args, base, trainable
+  model, base, trainable = method.prepare(hf.module, hf.params, lora, jax.random.key(0), *args)
+  if base is not None:
+    base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+  optimizer = method.optimizer(1e-4, scale=None if lora is None else lora.scales(trainable),
+                               dynamic=dynamic)
+  return model, args, base, trainable, optimizer, method.regularizer(dynamic)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--method", required=True, choices=METHODS)
+  parser.add_argument("--method", required=True, choices=list(METHODS))
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--tiny", action="store_true", help="a tiny config, to check on a CPU")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   batch, length = (4, 16) if args.tiny else (BATCH, LENGTH)
-  model, lora, inputs, base, trainable = build(args.method, args.tiny, batch, length)
   total = args.warmup + args.steps
-  optimizer = make_optimizer(args.method, 1e-4, scale=lora.scales(trainable),
-                             total_steps=4 * total, target_rank=RANK,
-                             dynamic_rank_options=dict(warmup_frac=0.0, interval=1)
-                             if args.method == "dynamic_rank" else None)
+  model, inputs, base, trainable, optimizer, regularizer = build(
+      args.method, args.tiny, batch, length, total_steps=4 * total)
 
   def loss_fn(params, batch_arrays, rng):
     del rng
@@ -71,8 +72,8 @@ def main(argv=None):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), batch_arrays["labels"])), None
 
-  step = make_train_step(loss_fn, optimizer, compute_dtype=jnp.bfloat16)
-  state = TrainState.create(base, trainable, optimizer, jax.random.key(1))
+  step = make_train_step(loss_fn, optimizer, compute_dtype=jnp.bfloat16, regularizer=regularizer)
+  state = TrainState.create(trainable, optimizer, jax.random.key(1))
   rng = np.random.default_rng(0)
   ids = rng.integers(3, 1000, size=(batch, length)).astype(np.int32)
   batch_arrays = {"inputs": (ids,) + tuple(inputs[1:]),
@@ -80,7 +81,7 @@ def main(argv=None):
   times, losses = [], []
   for index in range(total):
     start = time.perf_counter()
-    state, metrics = step(state, batch_arrays)
+    state, metrics = step(state, base, batch_arrays)
     jax.block_until_ready(state.trainable)
     if index >= args.warmup:
       times.append(time.perf_counter() - start)

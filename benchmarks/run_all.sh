@@ -13,8 +13,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/local}
 SCALES=${SCALES:-"1b base"}
-JAX_MODES=${JAX_MODES:-"full lora lorapro_efficient lorapro_full dynrank lorapro_dynrank lora_r12 lora_r12_gated"}
-TORCH_MODES=${TORCH_MODES:-"peft_lora full lorapro_efficient lorapro_full"}
+JAX_MODES=${JAX_MODES:-"full lora lora_pro lora_pro_full dynamic_rank lora_pro_dynamic_rank lora_r12 lora_r12_gated"}
+TORCH_MODES=${TORCH_MODES:-"lora full lora_pro lora_pro_full"}
 STEPS=${STEPS:-10}
 PY=${PY:-python3}
 SECTIONS=${*:-"env jax torch micro"}

@@ -4,12 +4,13 @@ Hugging Face ``LlamaForCausalLM`` (transformers 4.57, SDPA attention) with the s
 ``benchmarks/common.py``'s scale, trained on random tokens under ``torch.autocast(bfloat16)``:
 
 * ``full``: full fine-tuning, float32 weights and fused ``torch.optim.AdamW`` (float32 moments);
-* ``peft_lora``: bfloat16 base weights, PEFT LoRA r=8 alpha=16 on all linear layers of the blocks
+* ``lora``: bfloat16 base weights, PEFT LoRA r=8 alpha=16 on all linear layers of the blocks
   (float32 adapters, PEFT's default), fused AdamW on the adapters;
-* ``lorapro_full`` / ``lorapro_efficient``: the same adapters stepped by ``lora-pro-adamw``'s
-  ``LoRAProAdamW`` (PyPI) in its two modes.
+* ``lora_pro`` / ``lora_pro_full``: the same adapters stepped by ``lora-pro-adamw``'s
+  ``LoRAProAdamW`` (PyPI) in its two modes (``efficient`` / ``full``).
 
-Usage: python benchmarks/torch_peers.py --scale 1b --mode peft_lora [--steps 10] [--out DIR]
+The modes are the names of ``lorapro_jax.methods.METHODS`` (not imported: this process loads no
+jax). Usage: python benchmarks/torch_peers.py --scale 1b --mode lora [--steps 10] [--out DIR]
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-MODES = ("full", "peft_lora", "lorapro_full", "lorapro_efficient")
+# mode -> lora-pro-adamw's lorapro_mode (None: torch's fused AdamW)
+MODES = {"full": None, "lora": None, "lora_pro": "efficient", "lora_pro_full": "full"}
 
 
 def build(scale: str, mode: str, device: str):
@@ -50,19 +52,18 @@ def build(scale: str, mode: str, device: str):
       if "lora_B" in name:
         p.normal_(0.0, 1e-3)
   trainable = [p for p in model.parameters() if p.requires_grad]
-  if mode == "peft_lora":
+  if MODES[mode] is None:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device == "cuda")
   else:
     from lora_pro import LoRAProAdamW
-    optimizer = LoRAProAdamW(model, lr=1e-4, weight_decay=0.0,
-                             lorapro_mode=mode.removeprefix("lorapro_"))
+    optimizer = LoRAProAdamW(model, lr=1e-4, weight_decay=0.0, lorapro_mode=MODES[mode])
   return model, optimizer
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--scale", default="1b", choices=sorted(common.SCALES))
-  parser.add_argument("--mode", required=True, choices=MODES)
+  parser.add_argument("--mode", required=True, choices=list(MODES))
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--out", default=None)

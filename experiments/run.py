@@ -34,12 +34,15 @@ if __package__ in (None, ""):  # run as a script: make ``experiments`` importabl
 from experiments.configs import ExperimentConfig, all_configs, get_config  # noqa: E402
 from lorapro_jax.data.batching import (BatchIterator, eval_batches, host_shard,  # noqa: E402
                                        tokenize)
+from lorapro_jax.dynamic_rank import DynamicRankConfig  # noqa: E402
+from lorapro_jax.methods import METHODS, Method  # noqa: E402
 from lorapro_jax.metrics import compute_metrics  # noqa: E402
 from lorapro_jax.schedules import make_schedule  # noqa: E402
 from lorapro_jax.sharding import (batch_sharding, initialize_distributed, make_mesh,  # noqa: E402
-                                  shard_batch, state_shardings)
-from lorapro_jax.train import (METHODS, TrainState, dem_regularizer, evaluate, fit,  # noqa: E402
-                               make_eval_step, make_optimizer, make_train_step, write_json)
+                                  param_shardings, shard_batch, state_shardings)
+from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step,  # noqa: E402
+                               make_train_step, write_json)
+from lorapro_jax.trees import count_params  # noqa: E402
 
 TINY_LENGTH = 16
 
@@ -303,16 +306,23 @@ TASKS = {"t5": t5_task, "roberta": roberta_task, "llama": llama_task, "vit": vit
 # ------------------------------------------------------------------------------------ run
 
 
-def lora_config_for(config: ExperimentConfig, method: str, task: Task):
-  """The method's LoRAConfig (None for full fine-tuning)."""
-  from lorapro_jax.models import preset
-  if method == "full":
+def dynamic_rank_for(config: ExperimentConfig, method: Method,
+                     total_steps: int) -> DynamicRankConfig | None:
+  """The dynamic-rank config of a pruning method (None for the others): ``config.rank`` is the
+  target rank, the initial rank ``ceil(1.5 * rank)``."""
+  if not method.prunes:
     return None
-  dynamic = method.endswith("dynamic_rank")
-  rank = (config.initial_rank or math.ceil(1.5 * config.rank)) if dynamic else config.rank
+  return DynamicRankConfig(total_steps=total_steps, target_rank=config.rank,
+                           dem_weight=config.dem_weight)
+
+
+def lora_config_for(config: ExperimentConfig, method: Method, task: Task,
+                    dynamic: DynamicRankConfig | None = None):
+  """The method's LoRAConfig from the family's preset (None for full fine-tuning)."""
+  from lorapro_jax.models import preset
   overrides = {} if config.targets is None else {"targets": config.targets}
-  return preset(task.lora_family, rank=rank, alpha=config.alpha, rslora=method == "rslora",
-                gated=dynamic, modules_to_save=task.modules_to_save, **overrides)
+  return method.lora_config(preset(task.lora_family, rank=config.rank, alpha=config.alpha,
+                                   modules_to_save=task.modules_to_save, **overrides), dynamic)
 
 
 class _Model:
@@ -348,12 +358,9 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   the results dict that is also written to ``<run dir>/results.json``.
   """
   from lorapro_jax.checkpoint import TrainCheckpointer
-  from lorapro_jax.inject import init_adapters, inject, split
   config = get_config(config) if isinstance(config, str) else config
   if method not in config.methods:
     raise ValueError(f"method {method!r} is not among {config.name}'s methods {config.methods}")
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
   run_dir = os.path.join(out_dir, config.name, method, f"seed_{seed}")
   if mock_data:
     import tensorflow_datasets as tfds
@@ -368,33 +375,29 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   total_steps = math.ceil(config.epochs * steps_per_epoch)
   if max_steps is not None:
     total_steps = min(total_steps, max_steps)
-  lora = lora_config_for(config, method, task)
-  peak = config.full_learning_rate if method == "full" and config.full_learning_rate else (
+  chosen = METHODS[method]
+  dynamic = dynamic_rank_for(config, chosen, total_steps)
+  lora = lora_config_for(config, chosen, task, dynamic)
+  peak = config.full_learning_rate if not chosen.adapters and config.full_learning_rate else (
       config.learning_rate)
   schedule = make_schedule(config.schedule, peak, total_steps, warmup_ratio=config.warmup_ratio)
-  if lora is None:
-    model, base, trainable, scale = _Model(task, task.module), None, task.params, None
-  else:
-    adapted = inject(task.module, lora)
-    model = _Model(task, adapted)
-    args, kwargs = task.inputs(task.example)
-    trainable = init_adapters(adapted, task.params, jax.random.key(seed), *args, **kwargs)
-    base, _ = split(task.params, lora) if task.modules_to_save else (task.params, None)
-    scale = lora.scales(trainable)
-  dynamic = method.endswith("dynamic_rank")
-  optimizer = make_optimizer(method, schedule, scale=scale, weight_decay=config.weight_decay,
-                             clip_norm=config.clip_norm, total_steps=total_steps,
-                             target_rank=config.rank if dynamic else None)
-  regularizer = dem_regularizer(config.dem_weight, total_steps) if dynamic and config.dem_weight \
-      else None
+  args, kwargs = task.inputs(task.example)
+  module, base, trainable = chosen.prepare(task.module, task.params, lora, jax.random.key(seed),
+                                           *args, **kwargs)
+  model = _Model(task, module)
+  scale = None if lora is None else lora.scales(trainable)
+  optimizer = chosen.optimizer(schedule, scale=scale, weight_decay=config.weight_decay,
+                               clip_norm=config.clip_norm, dynamic=dynamic)
+  regularizer = chosen.regularizer(dynamic)
   compute_dtype = None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
-  state = TrainState.create(base, trainable, optimizer, jax.random.key(seed))
+  state = TrainState.create(trainable, optimizer, jax.random.key(seed))
   placement = {}
   if mesh_shape is not None:
     mesh = make_mesh(*mesh_shape)
-    shardings = state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
-    placement = {"state_sharding": shardings, "batch_sharding": batch_sharding(mesh)}
+    shardings, base_shardings = state_shardings(state, base, mesh), param_shardings(base, mesh)
+    state, base = jax.device_put(state, shardings), jax.device_put(base, base_shardings)
+    placement = {"state_sharding": shardings, "base_sharding": base_shardings,
+                 "batch_sharding": batch_sharding(mesh)}
   train_step = make_train_step(model.loss_fn, optimizer, compute_dtype=compute_dtype,
                                regularizer=regularizer, **placement)
   eval_step = make_eval_step(model.predict_fn, compute_dtype=compute_dtype)
@@ -415,34 +418,24 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   eval_size = min(batch, len(next(iter(task.dev.values()))))
 
   def evaluate_fn(current):
-    return evaluate(eval_step, current, eval_batches(task.dev, eval_size), config.metrics,
+    return evaluate(eval_step, current, base, eval_batches(task.dev, eval_size), config.metrics,
                     score_fn=task.score)
-
-  saved_steps = set(checkpoints.all_steps())
-
-  def save(current, metrics=None):
-    step = int(current.step)
-    if step not in saved_steps:
-      checkpoints.save(current, step=step, data_position=batches.state(), metrics=metrics)
-      saved_steps.add(step)
 
   eval_every = config.eval_every or total_steps
   try:
     state, results = fit(
-        state, train_step,
+        state, base, train_step,
         batches if mesh_shape is None else (shard_batch(b, mesh) for b in batches),
         min(stop_after or total_steps, total_steps),
-        evaluate_fn=evaluate_fn, eval_every=eval_every,
-        best_metric=main_metric, schedule=schedule, log_dir=os.path.join(run_dir, "tb"),
-        on_eval=lambda current, metrics: save(current, {main_metric: metrics[main_metric]}),
+        evaluate_fn=evaluate_fn, eval_every=eval_every, checkpointer=checkpoints,
+        data_position=batches.state, schedule=schedule, log_dir=os.path.join(run_dir, "tb"),
         progress=progress,
         extra_results={"config": config.name, "method": method, "seed": seed,
                        "total_steps": total_steps, "resumed_from": resumed_from,
-                       "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(trainable))),
+                       "trainable_params": count_params(trainable),
                        "paper": config.paper.get(method), "metric": main_metric})
   finally:
     checkpoints.close()
-  results.pop("best_trainable")
   write_json(os.path.join(run_dir, "results.json"), results)
   return results
 
@@ -451,7 +444,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("name", nargs="?", help="experiment config, e.g. lorapro_t5_glue/sst2")
   parser.add_argument("--list", action="store_true", help="list the experiment configs")
-  parser.add_argument("--method", default="lora_pro", choices=METHODS)
+  parser.add_argument("--method", default="lora_pro", choices=list(METHODS))
   parser.add_argument("--seed", type=int, action="append", help="seed(s); default: the config's")
   parser.add_argument("--out", default="runs/experiments")
   parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")

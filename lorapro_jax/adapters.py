@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+from flax import traverse_util
 
 Path = tuple[str, ...]
 
@@ -41,9 +42,48 @@ def is_adapter(node: Any, keys: AdapterKeys = DEFAULT_KEYS) -> bool:
   return isinstance(node, Mapping) and keys.a in node and keys.b in node
 
 
-def _rebuild(node: Mapping, items: dict) -> Mapping:
-  """A mapping of the same type as ``node`` (dict, FrozenDict, ...) holding ``items``."""
+def dotted(path: Path) -> str:
+  """The one string form of a path: ``("encoder", "layer", "0", "query")`` ->
+  ``"encoder.layer.0.query"`` (PEFT's module names, error messages, ``rank_pattern`` keys).
+
+  >>> dotted(("encoder", "layer", "0", "query"))
+  'encoder.layer.0.query'
+  """
+  return ".".join(path)
+
+
+def rebuild(node: Mapping, items: dict) -> Mapping:
+  """A mapping of the same type as ``node`` (dict, FrozenDict, ...) holding ``items``.
+
+  >>> from flax.core import FrozenDict
+  >>> type(rebuild(FrozenDict(a=1), {"a": 2})).__name__
+  'FrozenDict'
+  """
   return items if type(node) is dict else type(node)(items)
+
+
+def check_pair(a: Any, b: Any, c: Any = None, *, where: str,
+               keys: AdapterKeys = DEFAULT_KEYS) -> None:
+  """Raises a ValueError naming ``where`` and the shapes unless ``a``, ``b`` (and ``c``) are one
+  adapter: ``a`` ``(*stack, n_in, r)``, ``b`` ``(*stack, r, n_out)``, ``c`` ``(*stack, r)``.
+
+  Takes arrays, ``jax.ShapeDtypeStruct``s or anything with a ``shape``; returns nothing.
+
+  >>> import numpy as np
+  >>> check_pair(np.zeros((4, 2)), np.zeros((2, 3)), where="layer")
+  >>> check_pair(np.zeros((4, 2)), np.zeros((3, 3)), where="layer")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  ValueError: layer: expected lora_a (*stack, n_in, r) and lora_b ..., got shapes (4, 2) and (3, 3)
+  """
+  a_shape, b_shape = tuple(a.shape), tuple(b.shape)
+  if (len(a_shape) < 2 or len(b_shape) != len(a_shape) or a_shape[:-2] != b_shape[:-2]
+      or a_shape[-1] != b_shape[-2]):
+    raise ValueError(f"{where}: expected {keys.a} (*stack, n_in, r) and {keys.b} "
+                     f"(*stack, r, n_out), got shapes {a_shape} and {b_shape}")
+  if c is not None and tuple(c.shape) != a_shape[:-2] + a_shape[-1:]:
+    raise ValueError(f"{where}: expected {keys.c} of shape (*stack, r) = "
+                     f"{a_shape[:-2] + a_shape[-1:]}, got {tuple(c.shape)}")
 
 
 def map_adapters(
@@ -65,8 +105,8 @@ def map_adapters(
     if is_adapter(node, keys):
       return fn(path, node, *others)
     if isinstance(node, Mapping):
-      return _rebuild(node, {k: walk(path + (str(k),), v, *(o[k] for o in others))
-                             for k, v in node.items()})
+      return rebuild(node, {k: walk(path + (str(k),), v, *(o[k] for o in others))
+                             for k, v in _entries(node)})
     return node if other is None else other(path, node, *others)
 
   return walk((), tree, *rest)
@@ -79,14 +119,27 @@ def adapter_paths(tree: Any, keys: AdapterKeys = DEFAULT_KEYS) -> list[Path]:
   return paths
 
 
+def _entries(node: Mapping):
+  """``node``'s entries as jax flattens them. (An ``nnx.State`` hands out its nested dicts wrapped
+  in new States; rebuilt from those, a tree would hold States where jax sees dicts, and optax's
+  tree maps over params and updates would fail: read its ``raw_mapping``.)"""
+  return getattr(node, "raw_mapping", node).items()
+
+
 def get_path(tree: Any, path: Path) -> Any:
-  """The node of ``tree`` at ``path``, with an error naming the missing key."""
+  """The node of ``tree`` at ``path``, with an error naming the missing key.
+
+  Path entries are strings; a mapping keyed by ints (an ``nnx.State`` over an ``nnx.List`` of
+  layers) is looked up by the key's string form.
+  """
   node = tree
   for depth, key in enumerate(path):
-    if not isinstance(node, Mapping) or key not in node:
-      raise KeyError(f"no entry {key!r} at {'/'.join(path[:depth]) or '<root>'} "
-                     f"(looking up {'/'.join(path)})")
-    node = node[key]
+    found = [] if not isinstance(node, Mapping) else (
+        [key] if key in node else [k for k in node if str(k) == key])
+    if not found:
+      raise KeyError(f"no entry {key!r} at {dotted(path[:depth]) or '<root>'} "
+                     f"(looking up {dotted(path)})")
+    node = node[found[0]]
   return node
 
 
@@ -95,14 +148,22 @@ def scale_at(scale: Any, path: Path) -> Any:
   if isinstance(scale, Mapping):
     found = get_path(scale, path)
     if isinstance(found, Mapping):
-      raise ValueError(f"scale tree holds a mapping, not a number, at {'/'.join(path)}")
+      raise ValueError(f"scale tree holds a mapping, not a number, at {dotted(path)}")
     return found
   return scale
 
 
 def validate_scale(scale: Any, tree: Any, keys: AdapterKeys = DEFAULT_KEYS) -> None:
-  """Raises a clear error if a scale is zero/negative or the scale tree misses a pair."""
-  for path in adapter_paths(tree, keys):
+  """Raises a clear error if a scale is zero/negative, or the scale tree misses a pair or holds
+  entries that are no pair of ``tree`` (a scale meant for another tree)."""
+  paths = adapter_paths(tree, keys)
+  for path in paths:
     value = scale_at(scale, path)
     if not isinstance(value, jax.Array) and float(value) <= 0.0:
-      raise ValueError(f"LoRA scale must be > 0, got {value!r} for {'/'.join(path) or '<root>'}")
+      raise ValueError(f"LoRA scale must be > 0, got {value!r} for {dotted(path) or '<root>'}")
+  if isinstance(scale, Mapping):
+    extra = [dotted(tuple(map(str, path))) for path in traverse_util.flatten_dict(scale)
+             if tuple(map(str, path)) not in set(paths)]
+    if extra:
+      raise ValueError(f"scale tree has entries that are no adapter pair of the tree: {extra}; "
+                       f"the pairs are {[dotted(path) for path in paths]}")

@@ -7,7 +7,8 @@ data: is a word of the VADER lexicon positive (mean human rating > 0) or negativ
 words (|mean| < 0.5) are dropped; 20% of the rest, a fixed seeded split, is the dev set
 (see :mod:`lorapro_jax.data.vader`). No network is touched.
 
-Methods, each from the same pretrained weights and the same batches:
+Methods (rows of :data:`lorapro_jax.methods.METHODS`), each from the same pretrained weights and
+the same batches:
 
 * ``full``: full fine-tuning (every encoder weight and the head), AdamW.
 * ``lora``: LoRA r = 8, alpha = 16 on the query/key/value/output and MLP projections, AdamW.
@@ -35,17 +36,21 @@ import numpy as np
 
 from lorapro_jax.data.batching import BatchIterator, eval_batches, tokenize
 from lorapro_jax.data.vader import vader_sentiment
-from lorapro_jax.inject import count_params
+from lorapro_jax.dynamic_rank import DynamicRankConfig, rank_pattern
+from lorapro_jax.lora import LoRAConfig
+from lorapro_jax.methods import METHODS
 from lorapro_jax.schedules import make_schedule
-from lorapro_jax.train import (TrainState, dem_regularizer, evaluate, fit, make_eval_step,
-                               make_optimizer, make_train_step, write_json)
+from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step, make_train_step,
+                               write_json)
+from lorapro_jax.trees import count_params
 
-METHODS = ("full", "lora", "lora_pro", "dynamic_rank", "lora_pro_dynamic_rank")
 TARGETS = ("query", "key", "value", "attention/output/dense", "intermediate/dense",
            "output/dense")
-# peak learning rates, picked on the quick run's dev split
+# the demo's methods (of lorapro_jax.methods.METHODS) and their peak learning rates, picked on the
+# quick run's dev split
 LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "lora_pro": 1e-3, "dynamic_rank": 1e-3,
                   "lora_pro_dynamic_rank": 1e-3}
+RANK = 8  # LoRA's rank; dynamic rank's target (from an initial 12)
 DEM_WEIGHT = 0.1  # eta of dynamic rank's DEM regulariser
 MIN_MARGIN = 0.10  # every method must beat the majority class on dev by this much
 
@@ -92,39 +97,35 @@ def prepare_data(max_length: int = 8) -> tuple[dict, dict, Any]:
   return arrays[0], arrays[1], tokenizer
 
 
-def build_method(method: str, encoder: nn.Module, encoder_params: Any, example: dict,
+def build_method(name: str, encoder: nn.Module, encoder_params: Any, example: dict,
                  total_steps: int, rng: jax.Array):
-  """(model, base, trainable, optimizer, regularizer, lora_config, schedule) for one method."""
+  """(model, base, trainable, optimizer, regularizer, schedule) of one method of the table."""
+  method = METHODS[name]
   head_rng, adapter_rng = jax.random.split(rng)
-  schedule = make_schedule("linear", LEARNING_RATES[method], total_steps, warmup_ratio=0.06)
+  schedule = make_schedule("linear", LEARNING_RATES[name], total_steps, warmup_ratio=0.06)
   plain = SentenceClassifier(encoder)
   head = plain.init(head_rng, *_inputs(example))["params"]["classifier"]
   params = {"encoder": encoder_params, "classifier": head}
-  if method == "full":
-    optimizer = make_optimizer("full", schedule)
-    return plain, None, params, optimizer, None, None, schedule
-  from lorapro_jax.inject import init_adapters, inject, split
-  from lorapro_jax.lora import LoRAConfig
-  dynamic = method.endswith("dynamic_rank")
-  config = LoRAConfig(rank=12 if dynamic else 8, alpha=16.0, targets=TARGETS, gated=dynamic,
-                      modules_to_save=("classifier",))
-  model = inject(plain, config)
-  trainable = init_adapters(model, params, adapter_rng, *_inputs(example))
-  base, _ = split(params, config)  # the head lives in the trainable tree only
-  optimizer = make_optimizer(method, schedule, scale=config.scales(trainable),
-                             total_steps=total_steps, target_rank=8)
-  regularizer = dem_regularizer(DEM_WEIGHT, total_steps) if dynamic else None
-  return model, base, trainable, optimizer, regularizer, config, schedule
+  dynamic = (DynamicRankConfig(total_steps=total_steps, target_rank=RANK, dem_weight=DEM_WEIGHT)
+             if method.prunes else None)
+  # the head is new: trained in every method (modules_to_save), never frozen
+  lora = method.lora_config(LoRAConfig(rank=RANK, alpha=16.0, targets=TARGETS,
+                                       modules_to_save=("classifier",)), dynamic)
+  model, base, trainable = method.prepare(plain, params, lora, adapter_rng, *_inputs(example))
+  scale = None if lora is None else lora.scales(trainable)
+  optimizer = method.optimizer(schedule, scale=scale, dynamic=dynamic)
+  return model, base, trainable, optimizer, method.regularizer(dynamic), schedule
 
 
-def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 200, batch_size: int = 32,
-        eval_every: int = 50, max_length: int = 8, seed: int = 0, progress: bool = True,
+def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 200,
+        batch_size: int = 32, eval_every: int = 50, max_length: int = 8, seed: int = 0, progress: bool = True,
         quick: bool = False) -> dict[str, Any]:
   """Trains every method, writes the outputs, returns the results table as a dict."""
   from transformers import FlaxBertModel
-  unknown = [m for m in methods if m not in METHODS]
+  unknown = [m for m in methods if m not in LEARNING_RATES]
   if unknown:
-    raise ValueError(f"unknown method(s) {unknown}; expected some of {METHODS}")
+    raise ValueError(f"method(s) {unknown} have no demo learning rate; expected some of "
+                     f"{list(LEARNING_RATES)}")
   os.makedirs(out_dir, exist_ok=True)
   train, dev = prepare_data(max_length)[:2]
   if quick:
@@ -135,7 +136,7 @@ def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 200, batch_siz
   rows, curves, ranks = {}, {}, {}
   for method in methods:
     started = time.perf_counter()
-    model, base, trainable, optimizer, regularizer, config, schedule = build_method(
+    model, base, trainable, optimizer, regularizer, schedule = build_method(
         method, pretrained.module, pretrained.params, example, steps, jax.random.key(seed))
 
     def loss_fn(params, batch, rng, model=model):
@@ -148,13 +149,13 @@ def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 200, batch_siz
       logits = model.apply({"params": params}, *_inputs(batch))
       return {"predictions": jnp.argmax(logits, -1)}
 
-    state = TrainState.create(base, trainable, optimizer, jax.random.key(seed))
+    state = TrainState.create(trainable, optimizer, jax.random.key(seed))
     train_step = make_train_step(loss_fn, optimizer, regularizer=regularizer)
     eval_step = make_eval_step(predict_fn)
     state, results = fit(
-        state, train_step, BatchIterator(train, batch_size, seed=seed), steps,
-        evaluate_fn=lambda s: evaluate(eval_step, s, eval_batches(dev, 256),
-                                       ["accuracy", "f1", "mcc"]),
+        state, base, train_step, BatchIterator(train, batch_size, seed=seed), steps,
+        evaluate_fn=lambda s, base=base, eval_step=eval_step: evaluate(
+            eval_step, s, base, eval_batches(dev, 256), ["accuracy", "f1", "mcc"]),
         eval_every=eval_every, schedule=schedule, log_dir=os.path.join(out_dir, "tb", method),
         progress=progress)
     final = results["final"]
@@ -166,8 +167,8 @@ def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 200, batch_siz
         "ms_per_step": results["ms_per_step"], "seconds": time.perf_counter() - started,
         "lr": LEARNING_RATES[method], "evaluations": results["evaluations"]}
     curves[method] = [(h["step"], h["loss"]) for h in results["history"]]
-    if config is not None and method.endswith("dynamic_rank"):
-      ranks[method] = live_ranks(state)
+    if METHODS[method].prunes:
+      ranks[method] = rank_pattern(state.opt_state)
     del state
     payload = {"task": "VADER word sentiment (|mean| >= 0.5), 20% seeded dev split",
                "model": "all-MiniLM-L6-v2 (pretrained) + mean pooling + linear head",
@@ -180,17 +181,6 @@ def run(methods=METHODS, out_dir: str = "runs/demo", steps: int = 200, batch_siz
   for method, pattern in ranks.items():
     plot_rank_allocation(pattern, method, os.path.join(out_dir, f"rank_allocation_{method}.png"))
   return payload
-
-
-def live_ranks(state: TrainState) -> dict[str, int]:
-  """Live components per adapted kernel (dotted path -> rank) after dynamic-rank pruning."""
-  from lorapro_jax.dynamic_rank import DynamicRankState, rank_pattern
-  found = [s for s in jax.tree.leaves(state.opt_state,
-                                      is_leaf=lambda x: isinstance(x, DynamicRankState))
-           if isinstance(s, DynamicRankState)]
-  if len(found) != 1:
-    raise ValueError(f"expected one DynamicRankState in the optimizer state, found {len(found)}")
-  return rank_pattern(found[0])
 
 
 def plot_loss_curves(curves: dict[str, list], path: str) -> None:
@@ -240,7 +230,8 @@ def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  parser.add_argument("--methods", nargs="+", default=list(LEARNING_RATES),
+                      choices=list(LEARNING_RATES))
   parser.add_argument("--steps", type=int, default=None, help="updates per method")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""Put LoRA adapters into any existing linen model, and move between param trees.
+"""Put LoRA adapters into any existing linen model.
 
 :func:`inject` wraps a linen module (a Hugging Face Flax ``*Module`` included) so that, while it
 runs, every targeted ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Einsum`` / HF ``FlaxConv1D`` layer
@@ -10,7 +10,8 @@ Training pattern (gradients of the adapters only; the base is never differentiat
 kernel ``K0 + s*A@B`` is never formed)::
 
   import jax, jax.numpy as jnp, flax.linen as nn, optax
-  from lorapro_jax import LoRAConfig, inject, init_adapters, combine, merge
+  from lorapro_jax import LoRAConfig, inject, init_adapters
+  from lorapro_jax.trees import combine, merge
 
   class MLP(nn.Module):
     @nn.compact
@@ -36,21 +37,17 @@ kernel ``K0 + s*A@B`` is never formed)::
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
+from flax.traverse_util import flatten_dict
 
-from lorapro_jax.adapters import DEFAULT_KEYS, Path, map_adapters
+from lorapro_jax.adapters import Path, dotted
 from lorapro_jax.lora import (ALL_LINEAR, KernelLayout, LoRAConfig, LoRADense, LoRADenseGeneral,
-                              LoRAEinsum, add_adapter, dense_general_layout, dense_layout, dotted,
-                              einsum_layout, kernel_update, path_matches)
-
-ADAPTER_LEAVES = (DEFAULT_KEYS.a, DEFAULT_KEYS.b, DEFAULT_KEYS.c)
+                              LoRAEinsum, add_adapter, dense_general_layout, dense_layout,
+                              einsum_layout, path_matches)
+from lorapro_jax.trees import split
 _LORA_LAYERS = (LoRADense, LoRADenseGeneral, LoRAEinsum)
 
 
@@ -102,8 +99,9 @@ def _adapt(config: LoRAConfig, seen: list, next_fun, args, kwargs, context):
   return add_adapter(module, args[0], y, layout, config, getattr(module, "precision", None))
 
 
-def _check_matches(config: LoRAConfig, seen: list) -> None:
-  """Every target / exclude / rank / alpha pattern must have matched some layer."""
+def check_matches(config: LoRAConfig, seen: list[tuple[Path, bool]]) -> None:
+  """Every target / exclude / rank / alpha pattern must have matched some layer; ``seen`` lists
+  ``(path, adapted)`` of every linear layer (shared by the linen and NNX injections)."""
   paths = list(dict.fromkeys(path for path, _ in seen))
   adapted = [path for path, hit in seen if hit]
   available = "\n  ".join(dotted(path) for path in paths) or "(none: no linear layer ran)"
@@ -142,7 +140,7 @@ class LoRAModel(nn.Module):
     seen: list = []
     with nn.intercept_methods(functools.partial(_adapt, self.lora, seen)):
       out = getattr(self.module, method)(*args, **kwargs)
-    _check_matches(self.lora, seen)
+    check_matches(self.lora, seen)
     return out
 
 
@@ -189,116 +187,12 @@ def init_adapters(model: LoRAModel, base_params: Any, rng: jax.Array, *example_a
   def create(base, key):
     _, state = model.apply({"params": base}, *example_args, rngs={"params": key},
                            mutable=["params"], **example_kwargs)
-    params = state["params"]
-    _check_only_adapters_created(params, base, config)
-    return split(params, config)[1]
-
-  return jax.jit(create)(base_params, rng)
-
-
-def _check_only_adapters_created(params: Mapping, base: Mapping, config: LoRAConfig,
-                                 path: Path = ()) -> None:
-  for key, value in params.items():
-    here = path + (str(key),)
-    if key not in base:
-      if key in ADAPTER_LEAVES or _saved(here, config):
-        continue
-      raise ValueError(f"base_params has no entry {dotted(here)!r} that the model creates: "
+    created_base, trainable = split(state["params"], config)
+    extra = set(flatten_dict(created_base)) - set(flatten_dict(base))
+    if extra:
+      raise ValueError(f"base_params has no entry {dotted(min(extra))!r} that the model creates: "
                        f"pass the params of this very model (or list the new head in "
                        f"LoRAConfig.modules_to_save)")
-    if isinstance(value, Mapping):
-      _check_only_adapters_created(value, base[key], config, here)
-
-
-def _saved(path: Path, config: LoRAConfig | None) -> bool:
-  return config is not None and any(path_matches(p, path) for p in config.modules_to_save)
-
-
-def split(params: Any, config: LoRAConfig | None = None) -> tuple[dict, dict]:
-  """``(base, trainable)``: adapter leaves and ``config.modules_to_save`` subtrees go to
-  ``trainable`` (same paths), everything else to ``base``. ``combine`` inverts it."""
-  matched: set = set()
-
-  def walk(node: Mapping, path: Path) -> tuple[dict, dict]:
-    base, trainable = {}, {}
-    for key, value in node.items():
-      here = path + (str(key),)
-      if _saved(here, config):
-        matched.update(p for p in config.modules_to_save if path_matches(p, here))
-        trainable[key] = value
-      elif key in ADAPTER_LEAVES and DEFAULT_KEYS.a in node and DEFAULT_KEYS.b in node:
-        trainable[key] = value
-      elif isinstance(value, Mapping):
-        sub_base, sub_trainable = walk(value, here)
-        if sub_base:
-          base[key] = sub_base
-        if sub_trainable:
-          trainable[key] = sub_trainable
-      else:
-        base[key] = value
-    return base, trainable
-
-  base, trainable = walk(params, ())
-  missing = [p for p in (config.modules_to_save if config else ()) if p not in matched]
-  if missing:
-    raise ValueError(f"LoRAConfig.modules_to_save {missing} match no param subtree; top-level "
-                     f"entries: {sorted(map(str, params))}")
-  return base, trainable
-
-
-def combine(base: Any, trainable: Any) -> dict:
-  """The full param tree: ``base`` with ``trainable``'s entries added (they win on overlap)."""
-  if not isinstance(trainable, Mapping):
     return trainable
-  if not isinstance(base, Mapping):
-    raise ValueError(f"combine: trainable holds a subtree where base has a leaf "
-                     f"({type(base).__name__})")
-  out = dict(base)
-  for key, value in trainable.items():
-    out[key] = combine(base[key], value) if key in base else value
-  return out
 
-
-def _fold(kernel: jax.Array, node: Mapping, path: Path, config: LoRAConfig, sign: float):
-  """``kernel + sign * s * A diag(c) B`` in float32, reshaped to the kernel's layout."""
-  delta = kernel_update(node[DEFAULT_KEYS.a], node[DEFAULT_KEYS.b], node.get(DEFAULT_KEYS.c),
-                        config.scale_for(path))
-  if config.is_transposed(path):
-    delta = jnp.swapaxes(delta, -1, -2)
-  *stack, rows, cols = delta.shape
-  shape = tuple(kernel.shape)
-  split_at = [k for k in range(len(stack), len(shape) + 1)
-              if math.prod(shape[len(stack):k]) == rows and math.prod(shape[k:]) == cols]
-  if tuple(stack) != shape[:len(stack)] or not split_at:
-    raise ValueError(f"adapter at {dotted(path)} gives an update of shape {delta.shape} that "
-                     f"does not fold into its kernel of shape {shape} (stack, inputs, outputs "
-                     f"order{', transposed' if config.is_transposed(path) else ''})")
-  merged = kernel.astype(jnp.float32) + sign * delta.reshape(shape)
-  return merged.astype(kernel.dtype)
-
-
-def merge(params: Any, config: LoRAConfig) -> Any:
-  """Params with each adapter folded into its kernel (``K0 + s*A@diag(c)@B``, float32, cast back)
-  and the adapter leaves dropped: exactly the base model's structure, for the original model."""
-
-  def fold(path, node):
-    out = {k: v for k, v in node.items() if k not in ADAPTER_LEAVES}
-    out["kernel"] = _fold(node["kernel"], node, path, config, 1.0)
-    return out
-
-  return map_adapters(fold, params)
-
-
-def unmerge(merged: Any, trainable: Any, config: LoRAConfig) -> dict:
-  """Inverse of :func:`merge`: the full params (base kernels restored, ``trainable`` added)."""
-
-  def unfold(path, node):
-    return {**node, "kernel": _fold(node["kernel"], node, path, config, -1.0)}
-
-  return map_adapters(unfold, combine(merged, trainable))
-
-
-def count_params(tree: Any) -> int:
-  """Number of scalars in a tree of arrays (or ``jax.ShapeDtypeStruct``s)."""
-  return sum(math.prod(np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape)
-             for leaf in jax.tree.leaves(tree))
+  return jax.jit(create)(base_params, rng)

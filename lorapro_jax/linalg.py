@@ -21,13 +21,14 @@ is zeroed multiplies an exact zero in the closed form (see ``lorapro_jax.lora_pr
 ``μ + δ`` and ``μ_i + λ_j`` below ``10·r·eps·max`` are treated as zero (as ``jnp.linalg.pinv`` does),
 so nothing turns into NaN/Inf. The algebra runs in float32 for bfloat16/float16 inputs.
 
-Example::
-
-  grams = jnp.stack([a.T @ a for a in factors])          # (p, r, r)
-  eig = eigh_psd(grams)
-  eig = refine_values(eig, jnp.stack([jnp.sum((a @ u) ** 2, axis=0)
-                                      for a, u in zip(factors, eig.vectors)]))
-  inverses = ridge_inverse(eig, 1e-8)                      # (p, r, r)
+>>> import jax, jax.numpy as jnp
+>>> factors = jax.random.normal(jax.random.key(0), (3, 6, 2))     # three A's, n_in = 6, r = 2
+>>> grams = factors.mT @ factors                                   # (p, r, r): AᵀA per pair
+>>> eig = eigh_psd(grams)
+>>> eig = refine_values(eig, jnp.sum((factors @ eig.vectors) ** 2, axis=-2))
+>>> inverses = ridge_inverse(eig, 1e-8)                            # (p, r, r)
+>>> bool(jnp.allclose(inverses @ grams, jnp.eye(2), atol=1e-4))
+True
 """
 from __future__ import annotations
 
@@ -53,7 +54,11 @@ class PSDEigh(NamedTuple):
 
 
 def compute_dtype(dtype) -> jnp.dtype:
-  """The dtype of the r x r algebra: at least float32 (float64 stays float64)."""
+  """The dtype of the r x r algebra: at least float32 (float64 stays float64).
+
+  >>> compute_dtype(jnp.bfloat16), compute_dtype(jnp.float32)
+  (dtype('float32'), dtype('float32'))
+  """
   return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -63,7 +68,12 @@ def _cutoff(largest: jax.Array, rank: int) -> jax.Array:
 
 
 def eigh_psd(grams: jax.Array) -> PSDEigh:
-  """One batched ``eigh`` of PSD matrices ``(..., r, r)``, deflating exactly-zero components."""
+  """One batched ``eigh`` of PSD matrices ``(..., r, r)``, deflating exactly-zero components.
+
+  >>> eig = eigh_psd(jnp.array([[[4.0, 0.0], [0.0, 0.0]]]))     # component 1 is exactly zero
+  >>> eig.live, eig.stand_in                                  # its diagonal carries 4 instead
+  (Array([[ True, False]], dtype=bool), Array([[4.]], dtype=float32))
+  """
   if grams.ndim < 2 or grams.shape[-1] != grams.shape[-2]:
     raise ValueError(f"expected a batch of square matrices (..., r, r), got shape {grams.shape}")
   grams = grams.astype(compute_dtype(grams.dtype))
@@ -88,6 +98,12 @@ def refine_values(eig: PSDEigh, factor_norms: jax.Array) -> PSDEigh:
   quotients through the factor are accurate relative to each eigenvalue (the eigenvectors' own
   error enters only quadratically), at the cost of one ``F·U`` product per pair. Deflated
   components add their stand-in, so the quotients are those of the deflated matrix.
+
+  >>> a = jnp.array([[[1.0, 1.0], [0.0, 1e-3]]])              # cond(AᵀA) = 4e6
+  >>> eig = eigh_psd(a.mT @ a)
+  >>> small = refine_values(eig, jnp.sum((a @ eig.vectors) ** 2, axis=-2)).values[0, 0]
+  >>> bool(abs(small / 5e-7 - 1) < 1e-3)                     # the exact smallest value is 5e-7 (to 1e-6)
+  True
   """
   dead_weight = jnp.sum(jnp.where(eig.live[..., :, None], 0.0, eig.vectors ** 2), axis=-2)
   values = factor_norms.astype(eig.values.dtype) + eig.stand_in * dead_weight
@@ -99,8 +115,16 @@ def _mask(matrix: jax.Array, rows_live: jax.Array, cols_live: jax.Array) -> jax.
 
 
 def ridge_inverse(eig: PSDEigh, ridge: float) -> jax.Array:
-  """``pinv(M + ridge·I)`` from ``eigh_psd(M)``, zero on rows/columns of zero components."""
-  shifted = eig.values + ridge
+  """``pinv(M + ridge·I)`` from ``eigh_psd(M)``, zero on rows/columns of zero components.
+
+  ``ridge`` is a number or a scalar array (e.g. a hyperparameter injected by
+  ``optax.inject_hyperparams``); it is applied in the eigenvalues' dtype.
+
+  >>> ridge_inverse(eigh_psd(jnp.array([[[4.0, 0.0], [0.0, 0.0]]])), 0.0)
+  Array([[[0.25, 0.  ],
+          [0.  , 0.  ]]], dtype=float32)
+  """
+  shifted = eig.values + jnp.asarray(ridge, eig.values.dtype)
   rank = shifted.shape[-1]
   safe = shifted > _cutoff(jnp.max(shifted, axis=-1, keepdims=True), rank)
   inverse_values = jnp.where(safe, 1.0 / jnp.where(safe, shifted, 1.0), 0.0)
@@ -113,6 +137,12 @@ def solve_sylvester(eig_a: PSDEigh, eig_b: PSDEigh, rhs: jax.Array) -> jax.Array
 
   Entries whose denominator ``μ_i + λ_j`` vanishes (a direction that is zero in both Grams) are set
   to zero instead of dividing, so zeros stay zeros and nothing becomes NaN.
+
+  >>> m_a, m_b = jnp.array([[[2.0, 1.0], [1.0, 3.0]]]), jnp.array([[[1.0, 0.0], [0.0, 5.0]]])
+  >>> rhs = jnp.array([[[1.0, 2.0], [3.0, 4.0]]])
+  >>> y = solve_sylvester(eigh_psd(m_a), eigh_psd(m_b), rhs)
+  >>> bool(jnp.allclose(m_a @ y + y @ m_b, rhs, atol=1e-5))
+  True
   """
   rhs = rhs.astype(eig_a.values.dtype)
   denominators = eig_a.values[..., :, None] + eig_b.values[..., None, :]

@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lorapro_jax.adapters import DEFAULT_KEYS, Path, map_adapters
+from lorapro_jax.adapters import DEFAULT_KEYS, Path, dotted, map_adapters
 
 ALL_LINEAR = "all-linear"
 REGEX_PREFIX = "re:"
@@ -53,11 +53,6 @@ INITS = ("standard", "gaussian")
 # components is one of these names (HF Flax's LM, classification, QA and pre-training heads).
 OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 GATED_INIT_STDDEV = 0.02  # AdaLoRA / dynamic-rank reference: A, B ~ N(0, 0.02^2), c = 0
-
-
-def dotted(path: Path) -> str:
-  """``("encoder", "layer", "0", "query")`` -> ``"encoder.layer.0.query"``."""
-  return ".".join(path)
 
 
 def path_matches(pattern: str, path: Path) -> bool:
@@ -116,7 +111,7 @@ class LoRAConfig:
     param_dtype: dtype of the adapter leaves.
     modules_to_save: patterns of param subtrees trained in full (e.g. ``"classifier"``).
     transposed_kernels: patterns of layers that store their kernel as ``(n_out, n_in)`` (Hugging
-      Face's ``FlaxConv1D`` in GPT-2); :func:`lorapro_jax.inject.merge` needs this to fold the
+      Face's ``FlaxConv1D`` in GPT-2); :func:`lorapro_jax.trees.merge` needs this to fold the
       update in, so injecting into such a layer without listing it is an error.
   """
 
@@ -371,7 +366,9 @@ def adapter_dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _initializers(config: LoRAConfig, n_in: int, rank: int):
+def adapter_initializers(config: LoRAConfig, n_in: int, rank: int):
+  """``(init_a, init_b, init_c)`` of ``config.init`` / ``config.gated`` (shared by the linen and
+  NNX adapters, see :mod:`lorapro_jax.nnx`)."""
   normal = lambda std: jax.nn.initializers.normal(stddev=std)  # noqa: E731
   if config.init == "gaussian":
     init_a = normal(1.0 / rank)
@@ -400,7 +397,7 @@ def add_adapter(module: nn.Module, x: jax.Array, y: jax.Array, layout: KernelLay
     raise ValueError(
         f"LoRA rank {rank} at {dotted(path) or '<root>'} exceeds min(n_in, n_out) = "
         f"min({layout.n_in}, {layout.n_out})")
-  init_a, init_b, init_c = _initializers(config, layout.n_in, rank)
+  init_a, init_b, init_c = adapter_initializers(config, layout.n_in, rank)
   stack = layout.stack_shape
   dtype = config.param_dtype
   a = module.param(DEFAULT_KEYS.a, init_a, stack + (layout.n_in, rank), dtype)

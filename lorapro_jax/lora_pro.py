@@ -13,8 +13,16 @@ manifold. With ``inv(M) = pinv(M + δ·I)`` (δ = ``ridge``) and a free r x r ma
   gB = (1/s²)·inv(AᵀA)·gB_l·(I − Bᵀ·inv(BBᵀ)·B) − Y·B
   g_eq = s·(gA·B + A·gB) = P_A·G + G·P_B − P_A·G·P_B        (for every Y)
 
-``x_mode="sylvester"`` picks the Y closest to the raw gradients, solving
-``(AᵀA)·Y + Y·(BBᵀ) = −(1/s²)·Aᵀ·gA_l·inv(BBᵀ)``; ``x_mode="zero"`` takes Y = 0.
+``y="sylvester"`` picks the Y closest to the raw gradients, solving
+``(AᵀA)·Y + Y·(BBᵀ) = −(1/s²)·Aᵀ·gA_l·inv(BBᵀ)``; ``y="zero"`` takes Y = 0.
+
+Two optimizers, composed from small transforms as ``optax.adamw`` is:
+
+* ``lora_pro``      = ``chain(lora_pro_project, adamw)``: the adjusted factor gradients get
+  ordinary per-factor AdamW moments (the paper's efficient variant);
+* ``lora_pro_full`` = ``chain(lora_pro_full_direction, adam on the other leaves,
+  add_decayed_weights, scale_by_learning_rate)``: full-rank Adam moments of each pair's equivalent
+  gradient, the direction projected back to (A, B) with the Sylvester Y (the paper's AdamW).
 
 Implementation: only r x r Gram matrices (``AᵀA``, ``BBᵀ``, ``Aᵀ·gA_l``, ``gB_l·Bᵀ``) are formed,
 never an n x n projector, so sharded kernels only reduce r x r blocks. The Grams of all pairs of one
@@ -25,20 +33,18 @@ Gated pairs (a ``lora_c`` of shape (*stack, r), ``ΔK = s·A·diag(c)·B``): c i
 step for LoRA-Pro. The pair is adjusted as the two-factor pair ``(A·diag(c), diag(c)·B)`` — the
 raw gradients are exactly ``s·G·(diag(c)·B)ᵀ`` and ``s·(A·diag(c))ᵀ·G``, and the first-order move of
 K by steps of A and B is ``s·(gA·diag(c)·B + A·diag(c)·gB)`` — so the adjusted gradients are those of
-A and B themselves and nothing divides by c. c keeps its raw gradient (ordinary AdamW in
-``lora_pro``). Components with c_i = 0 (or a zero column of A / row of B) get exactly zero
-adjusted gradients.
+A and B themselves and nothing divides by c. c keeps its raw gradient (ordinary AdamW). Components
+with c_i = 0 (or a zero column of A / row of B) get exactly zero adjusted gradients.
 
-Example::
-
-  import jax, jax.numpy as jnp, optax
-  from lorapro_jax import lora_pro
-  params = {"dense": {"lora_a": jnp.ones((4, 2)) / 2, "lora_b": jnp.zeros((2, 3))}}
-  grads = {"dense": {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.ones((2, 3))}}
-  optimizer = lora_pro(1e-3, scale=2.0)                    # drop-in for optax.adamw(1e-3)
-  state = optimizer.init(params)
-  updates, state = optimizer.update(grads, state, params)
-  params = optax.apply_updates(params, updates)
+>>> import jax, jax.numpy as jnp, optax
+>>> params = {"dense": {"lora_a": jnp.ones((4, 2)) / 2, "lora_b": jnp.zeros((2, 3))}}
+>>> grads = {"dense": {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.ones((2, 3))}}
+>>> optimizer = lora_pro(1e-3, scale=2.0)                  # drop-in for optax.adamw(1e-3)
+>>> state = optimizer.init(params)
+>>> updates, state = optimizer.update(grads, state, params)
+>>> params = optax.apply_updates(params, updates)
+>>> jax.tree.map(jnp.shape, params)
+{'dense': {'lora_a': (4, 2), 'lora_b': (2, 3)}}
 """
 from __future__ import annotations
 
@@ -47,16 +53,19 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import traverse_util
 
 from lorapro_jax.adapters import (
-    DEFAULT_KEYS, AdapterKeys, Path, _rebuild, adapter_paths, get_path, map_adapters, scale_at,
-    validate_scale)
+    DEFAULT_KEYS, AdapterKeys, Path, adapter_paths, check_pair, dotted, get_path, map_adapters,
+    rebuild, scale_at, validate_scale)
 from lorapro_jax.linalg import (
     PSDEigh, compute_dtype, eigh_psd, refine_values, ridge_inverse, solve_sylvester)
+from lorapro_jax.lora import kernel_update
+from lorapro_jax.trees import named_leaves
 
-X_MODES = ("sylvester", "zero")
-MODES = ("efficient", "full")
+Y_CHOICES = ("sylvester", "zero")
 
 
 class _Factors(NamedTuple):
@@ -85,17 +94,18 @@ class _Coefficients(NamedTuple):
   right_b: jax.Array
 
 
-def _check_options(x_mode: str, ridge: float) -> None:
-  if x_mode not in X_MODES:
-    raise ValueError(f"x_mode must be one of {X_MODES}, got {x_mode!r}")
-  if not isinstance(ridge, (int, float)) or ridge < 0:
+def _check_options(y: str, ridge: Any) -> None:
+  if y not in Y_CHOICES:
+    raise ValueError(f"y must be one of {Y_CHOICES}, got {y!r}")
+  if isinstance(ridge, jax.core.Tracer):
+    # Injected by optax.inject_hyperparams: a traced value, known only when the step runs.
+    return
+  if (not isinstance(ridge, (int, float, np.ndarray, jax.Array)) or np.ndim(ridge) != 0
+      or not float(ridge) >= 0):
     raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
 
 
-def _factors(a: jax.Array, b: jax.Array, scale: Any, where: str = "pair") -> _Factors:
-  if a.ndim < 2 or b.ndim != a.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-    raise ValueError(f"{where}: expected lora_a (*stack, n_in, r) and lora_b (*stack, r, n_out), "
-                     f"got shapes {a.shape} and {b.shape}")
+def _factors(a: jax.Array, b: jax.Array, scale: Any) -> _Factors:
   dtype = compute_dtype(jnp.result_type(a, b))
   rank = a.shape[-1]
   flat_a = a.reshape((-1,) + a.shape[-2:]).astype(dtype)
@@ -120,7 +130,7 @@ def _gram(x: jax.Array, y: jax.Array) -> jax.Array:
 class _Groups:
   """Pairs grouped by (rank, dtype); the r x r algebra runs once per group on stacked arrays."""
 
-  def __init__(self, factors: Sequence[_Factors], ridge: float):
+  def __init__(self, factors: Sequence[_Factors], ridge: Any):
     members: dict[tuple[int, Any], list[int]] = {}
     for index, pair in enumerate(factors):
       members.setdefault((pair.a.shape[-1], pair.a.dtype), []).append(index)
@@ -165,28 +175,26 @@ class _Groups:
         out[i] = treedef.unflatten([leaf_rows[position] for leaf_rows in rows])
     return out
 
-  def coefficients(self, a_t_grad_a, grad_b_b_t, x_mode, y=None) -> list[_Coefficients]:
+  def coefficients(self, a_t_grad_a, grad_b_b_t, y: str) -> list[_Coefficients]:
     """Closed-form coefficients for every pair from its r x r statistics ``Aᵀ·gA_l``, ``gB_l·Bᵀ``."""
-    stacked_y = self.stack(y) if y is not None else [None] * len(self.members)
     per_group = [
-        _coefficients(geometry, scale, ag, gb, x_mode, group_y)
-        for geometry, scale, ag, gb, group_y in zip(
-            self.geometry, self.scales, self.stack(a_t_grad_a), self.stack(grad_b_b_t), stacked_y)]
+        _coefficients(geometry, scale, ag, gb, y)
+        for geometry, scale, ag, gb in zip(
+            self.geometry, self.scales, self.stack(a_t_grad_a), self.stack(grad_b_b_t))]
     return self.split(per_group)
 
 
-def _coefficients(geometry: _Geometry, scale, a_t_grad_a, grad_b_b_t, x_mode, y) -> _Coefficients:
+def _coefficients(geometry: _Geometry, scale, a_t_grad_a, grad_b_b_t, y: str) -> _Coefficients:
   inv_s2 = 1.0 / (scale * scale)
   right_a = geometry.inv_b * inv_s2
   left_b = geometry.inv_a * inv_s2
-  if y is None:
-    if x_mode == "sylvester":
-      y = solve_sylvester(geometry.eig_a, geometry.eig_b, -(a_t_grad_a @ right_a))
-    else:
-      y = jnp.zeros_like(right_a)
+  if y == "sylvester":
+    y_matrix = solve_sylvester(geometry.eig_a, geometry.eig_b, -(a_t_grad_a @ right_a))
+  else:
+    y_matrix = jnp.zeros_like(right_a)
   # gB_l·(I − Bᵀ·inv(BBᵀ)·B) = gB_l − (gB_l·Bᵀ)·inv(BBᵀ)·B: O(r²·n_out), no n_out x n_out projector.
-  right_b = left_b @ grad_b_b_t @ geometry.inv_b + y.astype(left_b.dtype)
-  return _Coefficients(right_a, y.astype(left_b.dtype), left_b, right_b)
+  right_b = left_b @ grad_b_b_t @ geometry.inv_b + y_matrix
+  return _Coefficients(right_a, y_matrix, left_b, right_b)
 
 
 def _apply(factors: _Factors, grad_a, grad_b, coefficients: _Coefficients):
@@ -208,36 +216,32 @@ def _statistics(factors, grads):
           [_gram(gb.mT, f.b.mT) for f, (_, gb) in zip(factors, grads)])
 
 
-def _adjust_flat(factors, grads, x_mode, ridge, y=None):
-  """Adjusted (gA, gB) for flat pairs, batched; ``y`` (per pair) overrides the choice of Y."""
-  coefficients = _Groups(factors, ridge).coefficients(*_statistics(factors, grads), x_mode, y)
+def _adjust_flat(factors, grads, y, ridge):
+  """Adjusted (gA, gB) for flat pairs, batched."""
+  coefficients = _Groups(factors, ridge).coefficients(*_statistics(factors, grads), y)
   return [_apply(f, ga, gb, c) for f, (ga, gb), c in zip(factors, grads, coefficients)]
 
 
 def _one_pair(a, b, grad_a, grad_b, scale):
+  check_pair(a, b, where="pair")
   factors = _factors(a, b, scale)
   return factors, _flat_grads(factors, grad_a, grad_b, a.shape, b.shape, "pair")
 
 
-def _adjust_with_y(a, b, grad_a, grad_b, scale, y, *, ridge=1e-8):
-  """The closed form with a caller-given Y of shape (*stack, r, r) (Y-independence checks)."""
-  factors, grads = _one_pair(a, b, grad_a, grad_b, scale)
-  flat_y = jnp.asarray(y).reshape((-1,) + factors.a.shape[-1:] * 2).astype(factors.a.dtype)
-  (new_a, new_b), = _adjust_flat([factors], [grads], "zero", ridge, y=[flat_y])
-  return new_a.reshape(a.shape).astype(grad_a.dtype), new_b.reshape(b.shape).astype(grad_b.dtype)
-
-
-def sylvester_y(a, b, grad_a, grad_b, scale, *, ridge=1e-8) -> jax.Array:
-  """The Sylvester Y of ``x_mode="sylvester"``, shape (*stack, r, r)."""
-  _check_options("sylvester", ridge)
-  factors, grads = _one_pair(a, b, grad_a, grad_b, scale)
-  coefficients, = _Groups([factors], ridge).coefficients(*_statistics([factors], [grads]),
-                                                         "sylvester")
-  return coefficients.y.reshape(a.shape[:-2] + (a.shape[-1],) * 2)
-
-
-def lora_pro_adjust(a, b, grad_a, grad_b, scale, *, x_mode="sylvester", ridge=1e-8):
+def lora_pro_adjust(a, b, grad_a, grad_b, scale, *, y: str = "sylvester", ridge=1e-8):
   """LoRA-Pro's adjusted gradients ``(gA, gB)`` of one pair from its raw LoRA gradients.
+
+  ``gA = (1/s²)·gA_l·inv(BBᵀ) + A·Y`` and ``gB = (1/s²)·inv(AᵀA)·gB_l·(I − Bᵀ·inv(BBᵀ)·B) − Y·B``
+  (Wang et al., ICLR 2025, in this library's layout), with Y the Sylvester
+  solution or 0. At B = 0 this is exactly ``gA = 0``, ``gB = (1/s)·inv(AᵀA)·Aᵀ·G``:
+
+  >>> import jax.numpy as jnp
+  >>> a = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])   # n_in = 3, r = 2
+  >>> b = jnp.zeros((2, 4))                                   # B = 0: standard initialisation
+  >>> g, s = jnp.arange(12.0).reshape(3, 4), 2.0             # G = ∂L/∂K and the LoRA scale
+  >>> new_a, new_b = lora_pro_adjust(a, b, s * g @ b.T, s * a.T @ g, s)
+  >>> bool(jnp.all(new_a == 0)), bool(jnp.allclose(new_b, jnp.linalg.pinv(a) @ g / s))
+  (True, True)
 
   Args:
     a: ``lora_a``, shape (*stack, n_in, r); leading stack axes are independent pairs.
@@ -245,16 +249,15 @@ def lora_pro_adjust(a, b, grad_a, grad_b, scale, *, x_mode="sylvester", ridge=1e
     grad_a, grad_b: the raw gradients ``∂L/∂A = s·G·Bᵀ`` and ``∂L/∂B = s·Aᵀ·G``.
     scale: the LoRA scale s (alpha / r, or alpha / sqrt(r) for rsLoRA), a number or an array
       broadcastable to the stack shape.
-    x_mode: "sylvester" (Y closest to the raw gradients) or "zero" (Y = 0).
+    y: "sylvester" (the Y closest to the raw gradients) or "zero" (Y = 0).
     ridge: δ of ``inv(M) = pinv(M + δ·I)``.
 
   Returns:
-    ``(gA, gB)`` in the gradients' dtypes (the r x r algebra runs in at least float32). At B = 0
-    this is exactly ``gA = 0``, ``gB = (1/s)·inv(AᵀA)·Aᵀ·G``.
+    ``(gA, gB)`` in the gradients' dtypes (the r x r algebra runs in at least float32).
   """
-  _check_options(x_mode, ridge)
+  _check_options(y, ridge)
   factors, grads = _one_pair(a, b, grad_a, grad_b, scale)
-  (new_a, new_b), = _adjust_flat([factors], [grads], x_mode, ridge)
+  (new_a, new_b), = _adjust_flat([factors], [grads], y, ridge)
   return new_a.reshape(a.shape).astype(grad_a.dtype), new_b.reshape(b.shape).astype(grad_b.dtype)
 
 
@@ -262,8 +265,17 @@ def equivalent_gradient(a, b, grad_a, grad_b, scale, *, ridge=1e-8) -> jax.Array
   """``g_eq = s·(gA·B + A·gB)`` of LoRA-Pro's adjusted gradients, shape (*stack, n_in, n_out).
 
   Equals the tangent-space projection ``P_A·G + G·P_B − P_A·G·P_B`` of the full gradient G (up to
-  the ridge), whatever Y. For the equivalent gradient of *plain* LoRA use
+  the ridge), whatever Y (Wang et al., ICLR 2025). For the equivalent gradient of *plain* LoRA use
   ``s·(grad_a·B + A·grad_b)`` directly.
+
+  >>> import jax, jax.numpy as jnp
+  >>> keys = jax.random.split(jax.random.key(0), 3)
+  >>> a, b = jax.random.normal(keys[0], (5, 2)), jax.random.normal(keys[1], (2, 4))
+  >>> g, s = jax.random.normal(keys[2], (5, 4)), 2.0
+  >>> g_eq = equivalent_gradient(a, b, s * g @ b.T, s * a.T @ g, s)
+  >>> p_a, p_b = a @ jnp.linalg.pinv(a), jnp.linalg.pinv(b) @ b   # projectors onto A's and Bᵀ's span
+  >>> bool(jnp.allclose(g_eq, p_a @ g + g @ p_b - p_a @ g @ p_b, atol=1e-4))
+  True
   """
   _check_options("zero", ridge)
   factors, grads = _one_pair(a, b, grad_a, grad_b, scale)
@@ -277,25 +289,29 @@ def equivalent_gradient(a, b, grad_a, grad_b, scale, *, ridge=1e-8) -> jax.Array
 # ---------------------------------------------------------------------------------------------
 
 
-def _effective(node, keys: AdapterKeys):
+def _effective(node, keys: AdapterKeys, where: str):
   """The two-factor pair of a node: (A·diag(c), diag(c)·B) for gated pairs, else (A, B)."""
-  a, b = node[keys.a], node[keys.b]
-  if keys.c in node:
-    c = node[keys.c]
-    if c.shape != a.shape[:-2] + a.shape[-1:]:
-      raise ValueError(f"{keys.c} must have shape (*stack, r) = {a.shape[:-2] + a.shape[-1:]}, "
-                       f"got {c.shape}")
-    return a * c[..., None, :], c[..., :, None] * b
-  return a, b
+  a, b, c = node[keys.a], node[keys.b], node.get(keys.c)
+  check_pair(a, b, c, where=where, keys=keys)
+  if c is None:
+    return a, b
+  return a * c[..., None, :], c[..., :, None] * b
 
 
-def _delta_kernel(node, keys: AdapterKeys, scale) -> jax.Array:
-  """The pair's kernel update ``s·A·diag(c)·B``, shape (*stack, n_in, n_out), compute dtype."""
-  a, b = node[keys.a], node[keys.b]
-  if keys.c in node:
-    a = a * node[keys.c][..., None, :]
-  dtype = compute_dtype(jnp.result_type(a, b))
-  return jnp.asarray(scale, dtype) * (a.astype(dtype) @ b.astype(dtype))
+def _pair_paths(tree, keys: AdapterKeys, caller: str) -> list[Path]:
+  """The adapter paths of ``tree``; none is an error: LoRA-Pro would silently be its inner
+  optimizer (e.g. PEFT's ``lora_A``/``lora_B`` names, or a wrong ``keys``)."""
+  paths = adapter_paths(tree, keys)
+  if paths:
+    return paths
+  lookalikes = [dotted(path) for path, _ in named_leaves(tree) if path and "lora" in path[-1].lower()]
+  hint = (f"; leaves named like adapters: {', '.join(lookalikes[:4])}"
+          f"{' ...' if len(lookalikes) > 4 else ''} — name them with keys=AdapterKeys(a=..., b=...) "
+          f"(PEFT's lora_A / lora_B are stored transposed: convert with lorapro_jax.import_peft)"
+          if lookalikes else "")
+  raise ValueError(f"{caller}: no LoRA pair in the tree (no mapping holds both {keys.a!r} and "
+                   f"{keys.b!r}); without pairs LoRA-Pro would silently be its inner "
+                   f"optimizer{hint}")
 
 
 def _require_params(params, name: str):
@@ -303,109 +319,132 @@ def _require_params(params, name: str):
     raise ValueError(f"{name} needs the current parameters: call update(grads, state, params)")
 
 
-def _collect(updates, params, scale, keys):
+def _collect(updates, params, scale, keys, caller):
   """Paths, flat factors and flat gradients of every pair in ``params``."""
-  paths = adapter_paths(params, keys)
+  paths = _pair_paths(params, keys, caller)
   factors, grads = [], []
   for path in paths:
-    where = "/".join(path) or "<root>"
+    where = dotted(path) or "<root>"
     node, grad_node = get_path(params, path), get_path(updates, path)
-    a, b = _effective(node, keys)
-    pair = _factors(a, b, scale_at(scale, path), where)
+    a, b = _effective(node, keys, where)
+    pair = _factors(a, b, scale_at(scale, path))
     factors.append(pair)
     grads.append(_flat_grads(pair, grad_node[keys.a], grad_node[keys.b], a.shape, b.shape, where))
   return paths, factors, grads
 
 
-def _replace_pairs(updates, new: dict[Path, tuple[jax.Array, jax.Array]], keys, rest=None):
-  """``updates`` with each pair's A/B entries replaced; other entries from ``rest`` if given."""
+def _replace_pairs(updates, new: dict[Path, tuple[jax.Array, jax.Array]], keys):
+  """``updates`` with each pair's A/B entries replaced; every other leaf as it was."""
 
-  def node_fn(path, node, *rest_node):
+  def node_fn(path, node):
     a, b = new[path]
-    items = dict(rest_node[0]) if rest_node else dict(node)
+    items = dict(node)
     items[keys.a] = a.reshape(node[keys.a].shape).astype(node[keys.a].dtype)
     items[keys.b] = b.reshape(node[keys.b].shape).astype(node[keys.b].dtype)
-    return _rebuild(node, {k: items[k] for k in node})
+    return rebuild(node, items)
 
-  return map_adapters(node_fn, updates, *(() if rest is None else (rest,)), keys=keys,
-                      other=None if rest is None else (lambda path, leaf, rest_leaf: rest_leaf))
+  return map_adapters(node_fn, updates, keys=keys)
 
 
-def lora_pro_project(scale, *, x_mode="sylvester", ridge=1e-8,
+def lora_pro_project(scale, *, y: str = "sylvester", ridge=1e-8,
                      keys: AdapterKeys = DEFAULT_KEYS) -> optax.GradientTransformation:
   """Replaces every LoRA pair's gradients by LoRA-Pro's adjusted ones; other leaves pass through.
 
-  Chain it before any optax optimizer; ``optax.chain(lora_pro_project(s), optax.adamw(lr))`` is the
-  paper's "efficient" mode (per-factor Adam moments). Needs ``params`` in ``update``.
+  Per pair ``(gA_l, gB_l) ↦ lora_pro_adjust(A, B, gA_l, gB_l, s)`` (Wang et al., ICLR 2025), all
+  pairs of one rank batched. Chain it before any optax optimizer:
+  ``optax.chain(lora_pro_project(s), optax.adamw(lr))`` is ``lora_pro(lr, s)``. Needs ``params`` in
+  ``update``; a tree without any pair raises (LoRA-Pro would silently be the inner optimizer).
+
+  >>> import jax.numpy as jnp, optax
+  >>> params = {"dense": {"lora_a": jnp.eye(3, 2), "lora_b": jnp.ones((2, 4))}}
+  >>> grads = {"dense": {"lora_a": jnp.ones((3, 2)), "lora_b": jnp.ones((2, 4))}}
+  >>> optimizer = optax.chain(lora_pro_project(2.0), optax.sgd(0.1))
+  >>> updates, _ = optimizer.update(grads, optimizer.init(params), params)
+  >>> node = params["dense"]
+  >>> expected = lora_pro_adjust(node["lora_a"], node["lora_b"], jnp.ones((3, 2)), jnp.ones((2, 4)), 2.0)
+  >>> bool(jnp.allclose(updates["dense"]["lora_a"], -0.1 * expected[0]))
+  True
 
   Args:
     scale: the LoRA scale s, one number or a tree mirroring the adapter nodes (``LoRAConfig.scales``).
-    x_mode: "sylvester" or "zero" (see ``lora_pro_adjust``).
+    y: "sylvester" or "zero" (see ``lora_pro_adjust``).
     ridge: δ of the ridge inverse.
     keys: key names of the factors inside adapter nodes.
   """
-  _check_options(x_mode, ridge)
+  _check_options(y, ridge)
 
   def init_fn(params):
+    _pair_paths(params, keys, "lora_pro_project")
     validate_scale(scale, params, keys)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     _require_params(params, "lora_pro_project")
-    paths, factors, grads = _collect(updates, params, scale, keys)
-    adjusted = _adjust_flat(factors, grads, x_mode, ridge) if paths else []
+    paths, factors, grads = _collect(updates, params, scale, keys, "lora_pro_project")
+    adjusted = _adjust_flat(factors, grads, y, ridge)
     return _replace_pairs(updates, dict(zip(paths, adjusted)), keys), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 class LoRAProFullState(NamedTuple):
-  """State of ``lora_pro_full_direction``: ``inner`` runs on the full-rank equivalent gradients
-  (a nested dict with one (*stack, n_in, n_out) array per adapter path), ``rest`` (Adam) on the
-  other trainable leaves."""
+  """State of ``lora_pro_full_direction``: the state of ``inner`` on the full-rank equivalent
+  gradients, a tree mirroring the adapter nodes (like a scale tree) with one (*stack, n_in, n_out)
+  array per pair."""
 
   inner: optax.OptState
-  rest: optax.OptState
 
 
-def _nest(paths: Sequence[Path], values: Sequence[Any]) -> dict:
-  tree: dict = {}
-  for path, value in zip(paths, values):
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1] if path else ""] = value
-  return tree
+def _by_path(paths: Sequence[Path], values: Sequence[Any]) -> Any:
+  """One value per adapter path, nested as the adapter tree (a tree that is itself a pair: the
+  value)."""
+  if list(paths) == [()]:
+    return values[0]
+  return traverse_util.unflatten_dict(dict(zip(paths, values)))
 
 
-def _unnest(tree: dict, paths: Sequence[Path]) -> list[Any]:
-  return [get_path(tree, path if path else ("",)) for path in paths]
+def _at_paths(tree: Any, paths: Sequence[Path]) -> list[Any]:
+  if list(paths) == [()]:
+    return [tree]
+  flat = traverse_util.flatten_dict(tree)
+  return [flat[path] for path in paths]
 
 
-def _without_factors(tree, keys):
-  """``tree`` with the A/B entries of each adapter node dropped (gates and others kept)."""
-  return map_adapters(
-      lambda path, node: {k: v for k, v in node.items() if k not in (keys.a, keys.b)},
-      tree, keys=keys)
+def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, y: str = "sylvester",
+                            ridge=1e-8, keys: AdapterKeys = DEFAULT_KEYS
+                            ) -> optax.GradientTransformation:
+  """The direction of the paper's full-rank AdamW, without weight decay and learning rate.
 
+  Per pair (Wang et al., ICLR 2025): the equivalent gradient ``g_eq`` of the adjusted
+  raw gradients goes through ``inner`` (e.g. ``optax.scale_by_adam``: full-rank moments of shape
+  (*stack, n_in, n_out)) to a direction U, which is projected back to the factors:
+  ``(dA, dB) = lora_pro_adjust(A, B, s·U·Bᵀ, s·Aᵀ·U, s)`` with the chosen Y, the Grams'
+  decompositions reused. Every other leaf (heads, gates ``lora_c``) passes through unchanged.
+  ``inner`` sees, as its ``params``, each pair's kernel update ``ΔK = s·A·diag(c)·B``
+  (``lorapro_jax.lora.kernel_update``; computed only if ``inner`` reads it: under ``jit`` XLA drops
+  it otherwise).
 
-def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation,
-                            rest: optax.GradientTransformation, x_mode="sylvester", ridge=1e-8,
-                            keys: AdapterKeys = DEFAULT_KEYS) -> optax.GradientTransformation:
-  """The paper's full-rank mode without weight decay and learning rate.
+  >>> import jax.numpy as jnp, optax
+  >>> params = {"dense": {"lora_a": jnp.eye(3, 2), "lora_b": jnp.ones((2, 4))}}
+  >>> grads = {"dense": {"lora_a": jnp.ones((3, 2)), "lora_b": jnp.ones((2, 4))}}
+  >>> direction = lora_pro_full_direction(2.0, inner=optax.scale_by_rms())
+  >>> state = direction.init(params)
+  >>> state.inner.nu["dense"].shape                      # a full-rank second moment
+  (3, 4)
 
-  Per pair: ``g_eq`` (the equivalent gradient of the adjusted raw gradients) goes through
-  ``inner`` (e.g. ``optax.scale_by_adam``: full-rank moments of shape (*stack, n_in, n_out)) to a
-  direction U, which is projected back to the factors: ``(dA, dB) = adjust(s·U·Bᵀ, s·Aᵀ·U)`` with
-  ``x_mode``'s Y, the Grams' decompositions reused. Other leaves (and gates) go through ``rest``.
-  ``inner`` sees, as its ``params``, each pair's kernel update ``ΔK = s·A·diag(c)·B`` (computed
-  only if ``inner`` reads the values: under ``jit`` XLA drops it otherwise).
+  Args:
+    scale: the LoRA scale s, one number or a tree mirroring the adapter nodes.
+    inner: the transform on the full-rank equivalent gradients; it must not scale by the learning
+      rate (``lora_pro_full`` applies it afterwards).
+    y: "sylvester" or "zero": the Y of the projection back to (A, B).
+    ridge: δ of the ridge inverse.
+    keys: key names of the factors inside adapter nodes.
   """
-  _check_options(x_mode, ridge)
+  _check_options(y, ridge)
 
   def init_fn(params):
+    paths = _pair_paths(params, keys, "lora_pro_full_direction")
     validate_scale(scale, params, keys)
-    paths = adapter_paths(params, keys)
     kernels = []
     for path in paths:
       node = get_path(params, path)
@@ -413,37 +452,32 @@ def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation,
       # Built from both factors so that the kernel-shaped state inherits their shardings.
       zeros = jnp.zeros_like(a[..., :, :1]) * jnp.zeros_like(b[..., :1, :])
       kernels.append(zeros.astype(compute_dtype(zeros.dtype)))
-    return LoRAProFullState(inner.init(_nest(paths, kernels)),
-                            rest.init(_without_factors(params, keys)))
+    return LoRAProFullState(inner.init(_by_path(paths, kernels)))
 
   def update_fn(updates, state, params=None):
     _require_params(params, "lora_pro_full_direction")
-    paths, factors, grads = _collect(updates, params, scale, keys)
-    rest_updates, rest_state = rest.update(_without_factors(updates, keys), state.rest,
-                                           _without_factors(params, keys))
-    if not paths:
-      return rest_updates, LoRAProFullState(state.inner, rest_state)
+    paths, factors, grads = _collect(updates, params, scale, keys, "lora_pro_full_direction")
     groups = _Groups(factors, ridge)
-    zero_mode = groups.coefficients(*_statistics(factors, grads), "zero")
-    g_eq = []
-    for pair, (ga, gb), coefficients, path in zip(factors, grads, zero_mode, paths):
-      node = get_path(params, path)
-      full_shape = node[keys.a].shape[:-1] + node[keys.b].shape[-1:]
-      g_eq.append(_equivalent(pair, *_apply(pair, ga, gb, coefficients)).reshape(full_shape))
-    # inner's params: each pair's kernel update ΔK = s·A·diag(c)·B (dead code unless it reads them)
-    deltas = [_delta_kernel(get_path(params, path), keys, scale_at(scale, path)) for path in paths]
-    directions, inner_state = inner.update(_nest(paths, g_eq), state.inner, _nest(paths, deltas))
+    zero_y = groups.coefficients(*_statistics(factors, grads), "zero")
+    g_eq = [_equivalent(pair, *_apply(pair, ga, gb, coefficients))
+            for pair, (ga, gb), coefficients in zip(factors, grads, zero_y)]
+    nodes = [get_path(params, path) for path in paths]
+    shapes = [node[keys.a].shape[:-1] + node[keys.b].shape[-1:] for node in nodes]
+    deltas = [kernel_update(node[keys.a], node[keys.b], node.get(keys.c), scale_at(scale, path))
+              for path, node in zip(paths, nodes)]
+    directions, inner_state = inner.update(
+        _by_path(paths, [g.reshape(shape) for g, shape in zip(g_eq, shapes)]), state.inner,
+        _by_path(paths, deltas))
     directions = [u.reshape(f.a.shape[:-1] + f.b.shape[-1:]).astype(f.a.dtype)
-                  for u, f in zip(_unnest(directions, paths), factors)]
+                  for u, f in zip(_at_paths(directions, paths), factors)]
     # Raw gradients of the direction: s·U·Bᵀ and s·Aᵀ·U; both r x r statistics are s·Aᵀ·U·Bᵀ.
     projected = [(u @ (f.scale * f.b).mT, (f.scale * f.a).mT @ u)
                  for f, u in zip(factors, directions)]
     cross = [_gram(f.a, ga) for f, (ga, _) in zip(factors, projected)]
-    coefficients = groups.coefficients(cross, cross, x_mode)
+    coefficients = groups.coefficients(cross, cross, y)
     new = {path: _apply(f, ga, gb, c)
            for path, f, (ga, gb), c in zip(paths, factors, projected, coefficients)}
-    return (_replace_pairs(updates, new, keys, rest_updates),
-            LoRAProFullState(inner_state, rest_state))
+    return _replace_pairs(updates, new, keys), LoRAProFullState(inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -463,47 +497,99 @@ def _in_compute_dtype(inner: optax.GradientTransformation) -> optax.GradientTran
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def lora_pro(learning_rate, scale, *, mode="efficient", b1=0.9, b2=0.999, eps=1e-8,
-             weight_decay=0.0, x_mode="sylvester", ridge=1e-8, inner=None,
+def _outside_pairs(keys: AdapterKeys):
+  """``optax.masked`` mask: True for every leaf but the A/B factors of adapter nodes."""
+
+  def mask(tree):
+    return map_adapters(lambda path, node: rebuild(node, {k: k not in (keys.a, keys.b)
+                                                          for k in node}),
+                        tree, keys=keys, other=lambda path, leaf: True)
+
+  return mask
+
+
+def lora_pro(learning_rate, scale, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+             y: str = "sylvester", ridge=1e-8,
              keys: AdapterKeys = DEFAULT_KEYS) -> optax.GradientTransformation:
-  """LoRA-Pro with AdamW, a drop-in replacement for ``optax.adamw`` on a LoRA trainable tree.
+  """LoRA-Pro with per-factor AdamW: a drop-in replacement for ``optax.adamw`` on a LoRA tree.
 
-  * ``mode="efficient"``: ``chain(lora_pro_project(scale), optax.adamw(...))`` — the adjusted
-    factor gradients get ordinary per-factor AdamW moments.
-  * ``mode="full"`` (the paper's AdamW): full-rank moments of each pair's equivalent gradient, the
-    Adam direction U projected back to (A, B) with the Sylvester Y, then decoupled weight decay on
-    A and B: ``A ← A − lr·(dA + wd·A)``, same for B. ``inner`` replaces Adam on the full-rank
-    equivalent gradient (any optax transform, e.g. a factored second moment with memory
-    O(n_in + n_out)); it must not scale by the learning rate.
+  ``chain(lora_pro_project(scale, y, ridge), adamw(learning_rate, b1, b2, eps, weight_decay))``:
+  each pair's raw gradients are replaced by LoRA-Pro's adjusted ones (Wang et al., ICLR 2025,
+  arXiv 2407.18242), which then get ordinary AdamW moments per factor; every other trainable leaf
+  (heads, ``modules_to_save``, gates ``lora_c``) gets plain AdamW. Bias correction uses t = 1 at
+  the first step, as optax does; moments are kept in at least float32. Works under
+  ``optax.inject_hyperparams`` (learning rate, weight decay, b1, b2, eps, ridge injectable) and
+  composes with ``optax.apply_if_finite`` to skip non-finite steps.
 
-  Every other trainable leaf (heads, ``modules_to_save``, gates ``lora_c``) gets ordinary AdamW
-  with the same hyperparameters. Bias correction uses t = 1 at the first step, as optax does.
-  Moments are kept in at least float32 (bfloat16 parameters get float32 moments).
+  >>> import jax, jax.numpy as jnp
+  >>> params = {"dense": {"lora_a": jnp.ones((4, 2)) / 2, "lora_b": jnp.zeros((2, 3))},
+  ...           "head": jnp.zeros(3)}
+  >>> grads = jax.tree.map(jnp.ones_like, params)
+  >>> optimizer = lora_pro(1e-3, scale=2.0)
+  >>> updates, state = optimizer.update(grads, optimizer.init(params), params)
+  >>> bool(jnp.all(updates["dense"]["lora_a"] == 0))        # B = 0: A's adjusted gradient is 0
+  True
+  >>> bool(jnp.allclose(updates["head"], -1e-3))           # plain AdamW: -lr·sign(g) at step 1
+  True
 
   Args:
     learning_rate: a float or an optax schedule.
     scale: the LoRA scale s: a number or a tree of per-pair scales (``LoRAConfig.scales``).
-    mode: "efficient" or "full".
     b1, b2, eps: Adam's hyperparameters.
-    weight_decay: decoupled weight decay (applied to A and B, and to other leaves).
-    x_mode: "sylvester" or "zero": the Y of the adjustment (in full mode, of the projection).
+    weight_decay: decoupled weight decay (on A, B and every other trainable leaf).
+    y: "sylvester" or "zero": the Y of the adjustment.
     ridge: δ of the ridge inverse ``pinv(M + δ·I)``.
-    inner: full mode only: the transform on the full-rank equivalent gradient (default
-      ``optax.scale_by_adam(b1, b2, eps)``).
     keys: key names of the factors inside adapter nodes.
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  if mode == "efficient":
-    if inner is not None:
-      raise ValueError("inner is used only by mode='full'; for other per-factor optimizers chain "
-                       "lora_pro_project(scale) with them")
-    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return optax.chain(lora_pro_project(scale, x_mode=x_mode, ridge=ridge, keys=keys),
-                       _in_compute_dtype(adamw))
+  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  return optax.chain(lora_pro_project(scale, y=y, ridge=ridge, keys=keys),
+                     _in_compute_dtype(adamw))
+
+
+def lora_pro_full(learning_rate, scale, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                  inner: optax.GradientTransformation | None = None, y: str = "sylvester",
+                  ridge=1e-8, keys: AdapterKeys = DEFAULT_KEYS) -> optax.GradientTransformation:
+  """LoRA-Pro's full-rank AdamW (the paper's optimizer), as an optax optimizer.
+
+  Per pair, with g_eq the equivalent gradient of the adjusted raw gradients::
+
+    U = inner(g_eq)                         (default: Adam moments of shape (*stack, n_in, n_out))
+    (dA, dB) = lora_pro_adjust(A, B, s·U·Bᵀ, s·Aᵀ·U, s)        (Y from ``y``)
+    A ← A − lr·(dA + wd·A),   B ← B − lr·(dB + wd·B)
+
+  composed as ``chain(lora_pro_full_direction(scale, inner), masked(adam, not A/B),
+  add_decayed_weights(wd), scale_by_learning_rate(lr))``. Every other trainable leaf (heads, gates
+  ``lora_c``) gets plain AdamW with the same hyperparameters. Bias correction uses t = 1 at the
+  first step; moments are kept in at least float32 (Wang et al., ICLR 2025, arXiv 2407.18242).
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> params = {"dense": {"lora_a": jnp.ones((4, 2)) / 2, "lora_b": jnp.zeros((2, 3))}}
+  >>> grads = jax.tree.map(jnp.ones_like, params)
+  >>> optimizer = lora_pro_full(1e-3, scale=2.0)
+  >>> state = optimizer.init(params)
+  >>> state[0].inner.mu["dense"].shape                  # full-rank first moment of g_eq
+  (4, 3)
+  >>> factored = lora_pro_full(1e-3, 2.0, inner=optax.scale_by_factored_rms(min_dim_size_to_factor=2))
+  >>> moments = factored.init(params)[0].inner              # O(n_in + n_out) memory
+  >>> moments.v_row["dense"].shape, moments.v_col["dense"].shape
+  ((3,), (4,))
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    scale: the LoRA scale s: a number or a tree of per-pair scales (``LoRAConfig.scales``).
+    b1, b2, eps: Adam's hyperparameters (of ``inner``'s default and of the other leaves' Adam).
+    weight_decay: decoupled weight decay (on A, B and every other trainable leaf).
+    inner: the transform on the full-rank equivalent gradients (default
+      ``optax.scale_by_adam(b1, b2, eps)``), e.g. ``optax.scale_by_factored_rms()``; it must not
+      scale by the learning rate.
+    y: "sylvester" or "zero": the Y of the projection back to (A, B).
+    ridge: δ of the ridge inverse ``pinv(M + δ·I)``.
+    keys: key names of the factors inside adapter nodes.
+  """
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   return optax.chain(
-      lora_pro_full_direction(scale, inner=adam if inner is None else inner,
-                              rest=_in_compute_dtype(adam), x_mode=x_mode, ridge=ridge, keys=keys),
+      lora_pro_full_direction(scale, inner=adam if inner is None else inner, y=y, ridge=ridge,
+                              keys=keys),
+      optax.masked(_in_compute_dtype(adam), _outside_pairs(keys)),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate))

@@ -11,10 +11,12 @@
 Every metric takes an optional ``mask`` (1 for real rows, 0 for the padding rows of the last eval
 batch) so padded batches can be scored without slicing.
 
-Example::
-
-  accuracy([1, 0, 1], [1, 1, 1])               # 0.666...
-  matthews_corrcoef([1, 0, 1, 0], [1, 0, 0, 0]) # 0.577...
+>>> round(accuracy([1, 0, 1], [1, 1, 1]), 4)
+0.6667
+>>> round(matthews_corrcoef([1, 0, 1, 0], [1, 0, 0, 0]), 4)     # 1/sqrt(3)
+0.5774
+>>> accuracy([1, 0, 0], [1, 0, 1], mask=[1, 1, 0])                 # the padding row is ignored
+1.0
 """
 from __future__ import annotations
 

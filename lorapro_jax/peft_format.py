@@ -24,9 +24,9 @@ down_proj``, ViT's ``vit.encoder.layer.0.attention.attention.query``), so a Flax
 dots *is* the module name, after an optional ``prefix``: the Flax params of ``FlaxBertModel``
 start at ``encoder``, a ``BertForSequenceClassification`` holds them under ``bert.`` (pass
 ``prefix="bert."``). Layers stacked on a leading axis (``nn.scan``, e.g.
-``lorapro_jax.models.llama``: ``model/layers/self_attn/q_proj`` with ``lora_a`` of shape
+``lorapro_jax.models.decoder``: ``model/layers/self_attn/q_proj`` with ``lora_a`` of shape
 ``(L, n_in, r)``) become one module per slice, the index inserted after the family's layer
-container (``STACK_CONTAINERS``: ``model.layers.{i}.self_attn.q_proj``).
+container (the family record's ``stack_container``: ``model.layers.{i}.self_attn.q_proj``).
 
 **Per-module ranks and scales.** Each module is written with its actual rank r_m (the factors'
 shape; after dynamic rank's ``shrink`` ranks differ) and ``alpha_m = s_m·r_m`` (rsLoRA
@@ -66,25 +66,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from lorapro_jax.adapters import DEFAULT_KEYS, Path, adapter_paths, is_adapter, map_adapters
-from lorapro_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError, named_leaves
-from lorapro_jax.lora import ALL_LINEAR, REGEX_PREFIX, LoRAConfig, dotted, path_matches
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lorapro_jax.adapters import (DEFAULT_KEYS, Path, adapter_paths, check_pair, dotted, get_path,
+                                  is_adapter, map_adapters)
+from lorapro_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError
+from lorapro_jax.lora import ALL_LINEAR, REGEX_PREFIX, LoRAConfig, path_matches
+from lorapro_jax.models.families import Family, get_family
+from lorapro_jax.trees import layout_differences, named_leaves
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-FAMILIES = ("bert", "roberta", "vit", "t5", "llama", "gpt2")
-# where the per-layer index goes when a family's layers are stacked on a leading axis
-STACK_CONTAINERS = {"bert": "layer", "roberta": "layer", "vit": "layer", "t5": "block",
-                    "llama": "layers", "gpt2": "h"}
-# the PyTorch name of a 1-D "weight" of normalisation layers: LayerNorm's Flax "scale"
-_NORM_SCALE = {"bert": "scale", "roberta": "scale", "vit": "scale", "gpt2": "scale",
-               "t5": "weight", "llama": "weight"}
-
-
-def _check_family(family: str) -> None:
-  if family not in FAMILIES:
-    raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
 
 
 def _check_prefix(prefix: str) -> None:
@@ -92,20 +85,21 @@ def _check_prefix(prefix: str) -> None:
     raise ValueError(f"prefix must be empty or end with '.', got {prefix!r}")
 
 
-def torch_module_names(path: Path, family: str, n_stacked: int = 0, prefix: str = "") -> list[str]:
+def torch_module_names(path: Path, family: str | Family, n_stacked: int = 0,
+                       prefix: str = "") -> list[str]:
   """The PyTorch module name(s) of the Flax module at ``path``.
 
   One name for an unstacked module; ``n_stacked`` names (one per slice of the leading axis) for
-  a stacked one, the slice index inserted after the family's layer container.
+  a stacked one, the slice index inserted after the family's ``stack_container``.
   """
-  _check_family(family)
+  record = get_family(family)
   _check_prefix(prefix)
   if not n_stacked:
     return [prefix + dotted(path)]
-  container = STACK_CONTAINERS[family]
+  container = record.stack_container
   if container not in path:
     raise ValueError(f"stacked module {dotted(path)} has no {container!r} component to put the "
-                     f"layer index after (family {family!r})")
+                     f"layer index after (family {record.name!r})")
   at = path.index(container) + 1
   return [prefix + dotted(path[:at] + (str(i),) + path[at:]) for i in range(n_stacked)]
 
@@ -125,14 +119,14 @@ def peft_pattern_key(patterns: Sequence[str], module_name: str) -> str | None:
 def _slices(path: Path, node: Mapping, ranks: Mapping[str, Any] | None):
   """``[(slice index or None, A (n_in, r_m), B (r_m, n_out))]`` in float64 with c folded into B
   and the components beyond a slice's live rank dropped (they must be zero)."""
-  a = np.asarray(jax.device_get(node[DEFAULT_KEYS.a]), np.float64)
-  b = np.asarray(jax.device_get(node[DEFAULT_KEYS.b]), np.float64)
-  if DEFAULT_KEYS.c in node:
-    b = np.asarray(jax.device_get(node[DEFAULT_KEYS.c]), np.float64)[..., :, None] * b
-  if a.ndim not in (2, 3) or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] \
-      or a.shape[-1] != b.shape[-2]:
-    raise ValueError(f"adapter {dotted(path)}: lora_a {a.shape} and lora_b {b.shape} are not a "
-                     "pair (n_in, r) / (r, n_out), optionally stacked on one leading axis")
+  a, b, c = (None if key not in node else np.asarray(jax.device_get(node[key]), np.float64)
+             for key in DEFAULT_KEYS)
+  check_pair(a, b, c, where=f"adapter {dotted(path)}")
+  if a.ndim > 3:
+    raise ValueError(f"adapter {dotted(path)}: lora_a {a.shape} is stacked on {a.ndim - 2} axes; "
+                     "PEFT export takes at most one (one module per slice)")
+  if c is not None:
+    b = c[..., :, None] * b
   stacked = a.ndim == 3
   a_list, b_list = (list(a), list(b)) if stacked else ([a], [b])
   live = ranks.get(dotted(path)) if ranks is not None else None
@@ -144,9 +138,9 @@ def _slices(path: Path, node: Mapping, ranks: Mapping[str, Any] | None):
     raise ValueError(f"ranks[{dotted(path)!r}] gives {len(live)} ranks for {len(a_list)} slices")
   out = []
   for index, (a_i, b_i, r_i) in enumerate(zip(a_list, b_list, live)):
-    if not 0 < r_i <= a_i.shape[-1]:
+    if not 0 <= r_i <= a_i.shape[-1]:
       raise ValueError(f"rank {r_i} for {dotted(path)} (slice {index}) is not in "
-                       f"1..{a_i.shape[-1]}")
+                       f"0..{a_i.shape[-1]}")
     dropped = np.linalg.norm(a_i[:, r_i:], axis=0) * np.linalg.norm(b_i[r_i:], axis=1)
     if np.any(dropped != 0):
       raise ValueError(f"adapter {dotted(path)} (slice {index}) has non-zero components beyond its "
@@ -211,7 +205,7 @@ def _torch_params(path: Path, subtree: Any, prefix: str) -> dict[str, np.ndarray
     elif name not in ("bias", "weight"):
       raise ValueError(f"cannot name the param {dotted(full)} in PyTorch")
     # safetensors writes the raw buffer: a transposed view must be made contiguous first
-    out[PEFT_PREFIX + prefix + ".".join(module + [name])] = np.ascontiguousarray(value)
+    out[PEFT_PREFIX + prefix + dotted((*module, name))] = np.ascontiguousarray(value)
   return out
 
 
@@ -221,7 +215,8 @@ def _plain_targets(config: LoRAConfig) -> bool:
 
 
 def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike, *,
-                family: str, prefix: str = "", base_model_name_or_path: str | None = None,
+                family: str | Family, prefix: str = "",
+                base_model_name_or_path: str | None = None,
                 task_type: str | None = None, ranks: Mapping[str, Any] | None = None,
                 overwrite: bool = False) -> dict[str, Any]:
   """Writes ``adapters`` (the trainable tree) as a PEFT LoRA adapter; returns the config written.
@@ -230,17 +225,20 @@ def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike,
     adapters: the trainable tree (adapter nodes and ``config.modules_to_save`` subtrees).
     config: the LoRAConfig the adapters were trained with (scales come from it).
     directory: output directory (created).
-    family: the model family (``FAMILIES``): GPT-2 gets ``fan_in_fan_out``, stacked layers their
-      index after ``STACK_CONTAINERS[family]``.
+    family: the model family (a key of ``lorapro_jax.models.FAMILIES`` or a ``Family``): a family
+      with ``transposed_kernels`` (GPT-2) gets ``fan_in_fan_out``, stacked layers their index
+      after its ``stack_container``.
     prefix: the PyTorch module prefix of the tree's root (``"bert."`` for FlaxBertModel params
       loaded into a BertForSequenceClassification; ``""`` when the trees correspond).
     base_model_name_or_path, task_type: copied into the PEFT config.
     ranks: live rank per dotted adapter path (int, or one per slice of a stacked node), e.g.
       ``lorapro_jax.dynamic_rank.rank_pattern(state)`` for adapters that ``shrink`` zero-padded.
+      A module of rank 0 (pruned away by dynamic rank's global budget) gets no tensors and is
+      listed in ``exclude_modules``, so PEFT leaves it as it is.
     overwrite: replace existing files (default: refuse).
   """
   from safetensors.numpy import save_file
-  _check_family(family)
+  record = get_family(family)
   _check_prefix(prefix)
   directory = os.fspath(directory)
   for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
@@ -249,15 +247,20 @@ def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike,
 
   tensors: dict[str, np.ndarray] = {}
   modules: list[tuple[str, int, float, str]] = []  # (module name, rank, alpha, flax path)
+  pruned: list[str] = []  # modules of rank 0 (dynamic rank's budget): no tensors, excluded
+
 
   def export_node(path, node):
     scale = config.scale_for(path)
     slices = _slices(path, node, ranks)
-    names = torch_module_names(path, family, len(slices) if slices[0][0] is not None else 0, prefix)
+    names = torch_module_names(path, record, len(slices) if slices[0][0] is not None else 0, prefix)
     dtype = np.asarray(node[DEFAULT_KEYS.a]).dtype
     dtype = dtype if dtype in (np.float16, np.float32, np.float64) else np.float32
     for name, (_, a, b) in zip(names, slices):
       rank = a.shape[-1]
+      if rank == 0:  # named without the prefix: PEFT matches it as a suffix, our import as a path
+        pruned.append(name.removeprefix(prefix))
+        continue
       tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T.astype(dtype))
       tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T.astype(dtype))
       modules.append((name, rank, _alpha_for_scale(scale, rank, config.rslora), dotted(path)))
@@ -265,7 +268,7 @@ def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike,
 
   map_adapters(export_node, adapters)
   if not modules:
-    raise ValueError("export_peft: the tree holds no adapter node (lora_a / lora_b)")
+    raise ValueError("export_peft: the tree holds no adapter node (lora_a / lora_b) of rank >= 1")
   saved = _saved_subtrees(adapters, config)
   for path, subtree in saved:
     tensors.update(_torch_params(path, subtree, prefix))
@@ -276,17 +279,17 @@ def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike,
   alpha_pattern = {name: alpha for name, _, alpha, _ in modules if alpha != lora_alpha}
   if _plain_targets(config):
     target_modules = [t.replace("/", ".") for t in config.targets]
-    exclude_modules = [t.replace("/", ".") for t in config.exclude] or None
+    exclude_modules = [t.replace("/", ".") for t in config.exclude] + pruned or None
   else:  # our regexes match paths without the prefix: name the modules instead
     target_modules = sorted({name for name, _, _, _ in modules})
-    exclude_modules = None
+    exclude_modules = pruned or None
   peft_config = {
       "peft_type": "LORA", "task_type": task_type,
       "base_model_name_or_path": base_model_name_or_path,
       "r": int(r), "lora_alpha": float(lora_alpha), "use_rslora": bool(config.rslora),
       "lora_dropout": float(config.dropout), "target_modules": target_modules,
       "exclude_modules": exclude_modules, "rank_pattern": rank_pattern,
-      "alpha_pattern": alpha_pattern, "fan_in_fan_out": family == "gpt2", "bias": "none",
+      "alpha_pattern": alpha_pattern, "fan_in_fan_out": bool(record.transposed_kernels), "bias": "none",
       "modules_to_save": [prefix + dotted(path) for path, _ in saved] or None,
       "init_lora_weights": True, "use_dora": False, "inference_mode": True,
   }
@@ -355,39 +358,25 @@ def _read_tensors(directory: str) -> dict[str, np.ndarray]:
     raise CheckpointCorruptError(f"cannot read {path}: {error}") from error
 
 
-def _flax_param(module_path: Path, name: str, value: np.ndarray, like_node: Any,
-                family: str | None) -> tuple[str, np.ndarray]:
-  """The Flax name and value of the PyTorch param ``name`` of a module saved in full."""
+def _flax_param(module_path: Path, name: str, value: np.ndarray, existing: set[str],
+                family: Family | None) -> tuple[str, np.ndarray]:
+  """The Flax name and value of the PyTorch param ``name`` of a module saved in full, given the
+  names ``existing`` of the expected module's params (empty when unknown)."""
   if name == "bias":
     return "bias", value
   if name != "weight":
-    raise ValueError(f"cannot map the PyTorch param {dotted(module_path)}.{name} to Flax")
-  existing = set(like_node) if isinstance(like_node, Mapping) else set()
+    raise ValueError(f"cannot map the PyTorch param {dotted((*module_path, name))} to Flax")
   if "embedding" in existing:
     return "embedding", value
   if value.ndim == 2:
     return "kernel", value.T
   if "scale" in existing or "weight" in existing:
     return ("scale" if "scale" in existing else "weight"), value
-  return (_NORM_SCALE[family] if family else "weight"), value
+  return (family.norm_weight if family else "weight"), value
 
 
-def _lookup(tree: Any, path: Path) -> Any:
-  node = tree
-  for key in path:
-    if not isinstance(node, Mapping) or key not in node:
-      return None
-    node = node[key]
-  return node
-
-
-def _put(tree: dict, path: Path, value: Any) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def import_peft(directory: str | os.PathLike, *, family: str | None = None, prefix: str = "",
+def import_peft(directory: str | os.PathLike, *, family: str | Family | None = None,
+                prefix: str = "",
                 like: Any = None, dtype: Any = np.float32) -> tuple[dict, LoRAConfig]:
   """Reads a PEFT LoRA adapter into our layout: ``(trainable tree, LoRAConfig)``.
 
@@ -395,19 +384,18 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
   rank (from its factors) and alpha (PEFT's ``alpha_pattern`` rule) go into the config's
   ``rank_pattern`` / ``alpha_pattern`` when they differ from ``r`` / ``lora_alpha``, so
   ``config.scale_for(path)`` is PEFT's scale of that module. ``modules_to_save`` weights come back
-  as Flax params (``weight`` -> transposed ``kernel`` for 2-D, LayerNorm ``scale`` per ``family``).
+  as Flax params (``weight`` -> transposed ``kernel`` for 2-D, norm weights named by ``family``'s ``norm_weight``).
 
   Args:
     like: optional tree of the expected trainable layout (e.g. ``init_adapters`` output): every
       leaf's path and shape must match, else :class:`CheckpointMismatchError` naming each
       difference (and nothing is returned); it also settles Flax names of saved modules, and its
       stacked nodes (``nn.scan`` layers, ``lora_a`` of shape ``(L, n_in, r)``) collect their
-      per-layer modules (``STACK_CONTAINERS``; needs ``family``), zero-padded to ``r``.
+      per-layer modules (after ``family``'s ``stack_container``; needs ``family``), zero-padded to ``r``.
     dtype: dtype of the returned arrays.
   """
   _check_prefix(prefix)
-  if family is not None:
-    _check_family(family)
+  family = None if family is None else get_family(family)
   directory = os.fspath(directory)
   peft_config = read_peft_config(directory)
   tensors = _read_tensors(directory)
@@ -434,15 +422,18 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
   r, lora_alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
   rank_pattern_peft = peft_config.get("rank_pattern") or {}
   alpha_pattern_peft = peft_config.get("alpha_pattern") or {}
-  adapters: dict = {}
+  flat: dict[Path, np.ndarray] = {}  # the tree being built: {leaf path: array}
   module_ranks, module_alphas = {}, {}  # dotted path -> rank / alpha of every module
   for name, pair in factors.items():
     if set(pair) != {"A", "B"}:
       raise CheckpointCorruptError(f"module {name}: only lora_{''.join(pair)} present")
     a, b = pair["A"], pair["B"]
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-      raise CheckpointCorruptError(f"module {name}: lora_A {a.shape} and lora_B {b.shape} are not "
-                                   "(r, n_in) and (n_out, r)")
+    try:
+      check_pair(a.T, b.T, where=f"module {name} (PEFT's lora_A and lora_B, transposed)")
+      if a.ndim != 2:
+        raise ValueError(f"module {name}: lora_A {a.shape} is not (r, n_in)")
+    except ValueError as error:
+      raise CheckpointCorruptError(f"{ADAPTER_WEIGHTS}: {error}") from None
     rank = a.shape[0]
     rank_key = peft_pattern_key(list(rank_pattern_peft), name)
     expected = int(rank_pattern_peft[rank_key]) if rank_key else r
@@ -452,17 +443,18 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
     alpha_key = peft_pattern_key(list(alpha_pattern_peft), name)
     alpha = float(alpha_pattern_peft[alpha_key]) if alpha_key else lora_alpha
     path = strip(name)
-    _put(adapters, path, {DEFAULT_KEYS.a: np.asarray(a.T, dtype),
-                          DEFAULT_KEYS.b: np.asarray(b.T, dtype)})
+    flat[path + (DEFAULT_KEYS.a,)] = np.asarray(a.T, dtype)
+    flat[path + (DEFAULT_KEYS.b,)] = np.asarray(b.T, dtype)
     module_ranks[dotted(path)], module_alphas[dotted(path)] = rank, alpha
   if not factors:
     raise ValueError(f"{ADAPTER_WEIGHTS} holds no lora_A / lora_B tensor")
   rslora = bool(peft_config.get("use_rslora", False))
   if like is not None:
-    _restack(adapters, like, family, module_ranks, module_alphas, rslora, dtype, directory)
+    _restack(flat, like, family, module_ranks, module_alphas, rslora, dtype, directory)
   rank_pattern = {p: rank for p, rank in module_ranks.items() if rank != r}
   alpha_pattern = {p: alpha for p, alpha in module_alphas.items() if alpha != lora_alpha}
 
+  like_leaves = set(flatten_dict(like)) if like is not None else set()
   saved_roots = []
   for entry in peft_config.get("modules_to_save") or ():
     roots = {name.rsplit(".", 1)[0] for name, _ in saved_params
@@ -474,9 +466,11 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
       raise ValueError(f"{ADAPTER_WEIGHTS}: {PEFT_PREFIX}{name} is neither a LoRA factor nor in "
                        f"modules_to_save {peft_config.get('modules_to_save')}")
     path = strip(module)
-    flax_name, flax_value = _flax_param(path, param, value, _lookup(like, path), family)
-    _put(adapters, path + (flax_name,), np.asarray(flax_value, dtype))
+    existing = {leaf[-1] for leaf in like_leaves if leaf[:-1] == path}
+    flax_name, flax_value = _flax_param(path, param, value, existing, family)
+    flat[path + (flax_name,)] = np.asarray(flax_value, dtype)
 
+  adapters = unflatten_dict(flat)
   paths = adapter_paths(adapters)
   targets = peft_config.get("target_modules")
   excluded = peft_config.get("exclude_modules") or ()
@@ -498,38 +492,24 @@ def import_peft(directory: str | os.PathLike, *, family: str | None = None, pref
   return adapters, config
 
 
-def _pop(tree: dict, path: Path) -> Any:
-  """Removes and returns the node at ``path``, dropping parents left empty."""
-  parents = [tree]
-  for key in path[:-1]:
-    parents.append(parents[-1].get(key) if isinstance(parents[-1], Mapping) else None)
-  if not isinstance(parents[-1], Mapping) or path[-1] not in parents[-1]:
-    return None
-  node = parents[-1].pop(path[-1])
-  for depth in range(len(path) - 1, 0, -1):
-    if parents[depth]:
-      break
-    parents[depth - 1].pop(path[depth - 1])
-  return node
-
-
-def _restack(adapters: dict, like: Any, family: str | None, ranks: dict, alphas: dict,
+def _restack(flat: dict, like: Any, family: Family | None, ranks: dict, alphas: dict,
              rslora: bool, dtype: Any, directory: str) -> None:
   """Stacks the per-layer modules of every stacked node of ``like`` (``nn.scan`` layers) into one
-  node, in place. Each slice is zero-padded to the node's rank; the node gets the most common
-  per-layer scale s, and a layer with scale s_l has its B multiplied by s_l / s (1 when all
-  layers share a scale, the usual case)."""
-  stacked = []
-  map_adapters(lambda path, node: stacked.append((path, node[DEFAULT_KEYS.a].shape,
-                                                  node[DEFAULT_KEYS.b].shape))
-               if np.ndim(node[DEFAULT_KEYS.a]) == 3 else None, like)
-  for path, (layers, n_in, width), (_, _, n_out) in stacked:
+  node of the flat tree ``flat``, in place. Each slice is zero-padded to the node's rank; the node
+  gets the most common per-layer scale s, and a layer with scale s_l has its B multiplied by
+  s_l / s (1 when all layers share a scale, the usual case)."""
+  for path in adapter_paths(like):
+    like_a, like_b = (np.shape(get_path(like, path)[key]) for key in DEFAULT_KEYS[:2])
+    if len(like_a) != 3:
+      continue
     if family is None:
       raise ValueError(f"like= holds the stacked adapter {dotted(path)}: pass family= to find its "
                        "per-layer modules")
+    (layers, n_in, width), n_out = like_a, like_b[-1]
     names = torch_module_names(path, family, layers)
-    nodes = [_pop(adapters, tuple(name.split("."))) for name in names]
-    missing = [name for name, node in zip(names, nodes) if node is None]
+    pairs = [tuple(flat.pop(tuple(name.split(".")) + (key,), None) for key in DEFAULT_KEYS[:2])
+             for name in names]
+    missing = [name for name, (a, _) in zip(names, pairs) if a is None]
     if missing:
       raise CheckpointMismatchError(f"PEFT adapter in {directory} lacks {missing} for the stacked "
                                     f"adapter {dotted(path)}; nothing was loaded")
@@ -537,28 +517,23 @@ def _restack(adapters: dict, like: Any, family: str | None, ranks: dict, alphas:
               for name in names]
     scale = _most_common(scales)
     a, b = np.zeros((layers, n_in, width)), np.zeros((layers, width, n_out))
-    for layer, (name, node, layer_scale) in enumerate(zip(names, nodes, scales)):
+    for layer, (name, (a_l, b_l), layer_scale) in enumerate(zip(names, pairs, scales)):
       rank = ranks.pop(name)
-      if node[DEFAULT_KEYS.a].shape != (n_in, rank) or node[DEFAULT_KEYS.b].shape != (rank, n_out) \
-          or rank > width:
+      if a_l.shape != (n_in, rank) or b_l.shape != (rank, n_out) or rank > width:
         raise CheckpointMismatchError(
-            f"PEFT module {name} has lora_a {node[DEFAULT_KEYS.a].shape}, lora_b "
-            f"{node[DEFAULT_KEYS.b].shape}; the stacked adapter {dotted(path)} expects "
-            f"({n_in}, r <= {width}) and (r, {n_out}); nothing was loaded")
-      a[layer, :, :rank] = node[DEFAULT_KEYS.a]
-      b[layer, :rank] = np.asarray(node[DEFAULT_KEYS.b], np.float64) * (layer_scale / scale)
-    _put(adapters, path, {DEFAULT_KEYS.a: a.astype(dtype), DEFAULT_KEYS.b: b.astype(dtype)})
+            f"PEFT module {name} has lora_a {a_l.shape}, lora_b {b_l.shape}; the stacked adapter "
+            f"{dotted(path)} expects ({n_in}, r <= {width}) and (r, {n_out}); nothing was loaded")
+      a[layer, :, :rank] = a_l
+      b[layer, :rank] = np.asarray(b_l, np.float64) * (layer_scale / scale)
+    flat[path + (DEFAULT_KEYS.a,)] = a.astype(dtype)
+    flat[path + (DEFAULT_KEYS.b,)] = b.astype(dtype)
     ranks[dotted(path)] = width
     alphas[dotted(path)] = _alpha_for_scale(scale, width, rslora)
 
 
 def _check_like(tree: Any, like: Any, directory: str) -> None:
-  got = {path: np.shape(leaf) for path, leaf in named_leaves(tree)}
-  want = {path: tuple(np.shape(leaf)) for path, leaf in named_leaves(like)}
-  problems = [f"{'/'.join(p)}: missing from the adapter" for p in want if p not in got]
-  problems += [f"{'/'.join(p)}: in the adapter but not expected" for p in got if p not in want]
-  problems += [f"{'/'.join(p)}: adapter {got[p]} vs expected {want[p]}"
-               for p in want if p in got and got[p] != want[p]]
+  problems = layout_differences(tree, like, got_name="adapter", expected_name="like= tree",
+                                dtypes=False)
   if problems:
     raise CheckpointMismatchError(f"PEFT adapter in {directory} does not fit the expected layout; "
                                   f"nothing was loaded ({len(problems)} differences): "
@@ -570,7 +545,7 @@ def _check_like(tree: Any, like: Any, directory: str) -> None:
 
 def export_merged(params: Any, config: LoRAConfig, directory: str | os.PathLike, *,
                   hf_model: Any, safe_serialization: bool = False) -> Any:
-  """Saves the base with the adapters folded in (``lorapro_jax.inject.merge``) as a Hugging Face
+  """Saves the base with the adapters folded in (``lorapro_jax.trees.merge``) as a Hugging Face
   Flax checkpoint: ``config.json`` + ``flax_model.msgpack`` (or ``model.safetensors``), loadable
   by ``Flax<Model>.from_pretrained`` and by PyTorch's ``<Model>.from_pretrained(...,
   from_flax=True)``; no adapter code is needed to run it. Returns the merged params.
@@ -581,15 +556,13 @@ def export_merged(params: Any, config: LoRAConfig, directory: str | os.PathLike,
     hf_model: the ``FlaxPreTrainedModel`` whose architecture the params belong to (its config is
       saved; its ``params`` give the layout the merged tree must have).
   """
-  from lorapro_jax.inject import merge
+  from lorapro_jax.trees import merge
   merged = merge(params, config)
-  expected = {path: tuple(x.shape) for path, x in named_leaves(hf_model.params_shape_tree)}
-  got = {path: tuple(np.shape(x)) for path, x in named_leaves(merged)}
-  if expected != got:
-    differing = sorted(set(expected) ^ set(got)) + sorted(
-        p for p in set(expected) & set(got) if expected[p] != got[p])
-    raise ValueError(f"merged params do not have the layout of {type(hf_model).__name__}: "
-                     + ", ".join("/".join(p) for p in differing[:10]))
+  problems = layout_differences(merged, hf_model.params_shape_tree, got_name="merged params",
+                                expected_name=type(hf_model).__name__, dtypes=False)
+  if problems:
+    raise ValueError(f"merged params do not have the layout of {type(hf_model).__name__} "
+                     f"({len(problems)} differences): " + "; ".join(problems[:10]))
   hf_model.save_pretrained(os.fspath(directory), params=jax.device_get(merged),
                            safe_serialization=safe_serialization)
   return merged

@@ -7,10 +7,9 @@
 * ``linear``:   ``peak + (end − peak)·(t − w)/(T − w)``                 (DoRA / HF default)
 * ``constant``: ``peak`` after warm-up.
 
-Example::
-
-  lr = make_schedule("cosine", 1e-4, total_steps=1000, warmup_ratio=0.03)
-  float(lr(30))  # 1e-4
+>>> lr = make_schedule("cosine", 1e-4, total_steps=1000, warmup_ratio=0.03)
+>>> [round(float(lr(t)), 8) for t in (0, 15, 30, 515, 1000)]    # warm-up 30 steps, then cosine
+[0.0, 5e-05, 0.0001, 5e-05, 0.0]
 """
 from __future__ import annotations
 

@@ -17,11 +17,11 @@
 Example (8 devices)::
 
   mesh = make_mesh(data=2, fsdp=4)
-  shardings = state_shardings(state, mesh)
-  state = jax.device_put(state, shardings)
+  shardings, base_shardings = state_shardings(state, base, mesh), param_shardings(base, mesh)
+  state, base = jax.device_put(state, shardings), jax.device_put(base, base_shardings)
   step = make_train_step(loss_fn, optimizer, state_sharding=shardings,
-                         batch_sharding=batch_sharding(mesh))
-  state, metrics = step(state, shard_batch(batch, mesh))
+                         base_sharding=base_shardings, batch_sharding=batch_sharding(mesh))
+  state, metrics = step(state, base, shard_batch(batch, mesh))
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lorapro_jax.adapters import DEFAULT_KEYS, AdapterKeys, get_path, map_adapters
+from lorapro_jax.adapters import DEFAULT_KEYS, AdapterKeys, get_path, map_adapters, rebuild
 
 DATA, FSDP = "data", "fsdp"
 
@@ -109,21 +109,21 @@ def adapter_shardings(trainable: Any, base: Any, mesh: Mesh, *, keys: AdapterKey
       out[keys.a] = _named(mesh, P(*([None] * n_stack), FSDP, None))
     elif not on_input and b_shape[-1] % fsdp_size == 0:
       out[keys.b] = _named(mesh, P(*([None] * n_stack), None, FSDP))
-    return type(node)(out) if not isinstance(node, dict) else out
+    return rebuild(node, out)
 
   return map_adapters(
       node_shardings, trainable, keys=keys,
       other=lambda path, leaf: _named(mesh, fsdp_spec(np.shape(leaf), fsdp_size, min_shard_size)))
 
 
-def state_shardings(state: Any, mesh: Mesh, *, keys: AdapterKeys = DEFAULT_KEYS,
+def state_shardings(state: Any, base: Any, mesh: Mesh, *, keys: AdapterKeys = DEFAULT_KEYS,
                     min_shard_size: int = 2 ** 10) -> Any:
-  """Shardings of a :class:`lorapro_jax.train.TrainState` (step and rng replicated)."""
+  """Shardings of a :class:`lorapro_jax.train.TrainState` (step and rng replicated; adapters
+  follow their kernel in the frozen ``base``, whose own are ``param_shardings(base, mesh)``)."""
   replicated = _named(mesh, P())
   return state.replace(
       step=replicated, rng=replicated,
-      base=param_shardings(state.base, mesh, min_shard_size),
-      trainable=adapter_shardings(state.trainable, state.base, mesh, keys=keys,
+      trainable=adapter_shardings(state.trainable, base, mesh, keys=keys,
                                   min_shard_size=min_shard_size),
       opt_state=param_shardings(state.opt_state, mesh, min_shard_size))
 

@@ -1,32 +1,39 @@
 """A small, readable train/eval loop for adapters: frozen base, trainable tree, optax, jit.
 
-The state is one pytree, :class:`TrainState` = (step, frozen ``base``, ``trainable`` adapters and
-modules_to_save, ``opt_state``, ``rng``). A train step differentiates the loss with respect to
-``trainable`` only — ``params = combine(base, trainable)`` inside the differentiated function,
-so the frozen base gets no gradient, no optimizer state and no update — and applies any optax
-transformation (:func:`make_optimizer` builds the papers' chains: clip → LoRA-Pro / AdamW →
-dynamic rank).
+The state is one pytree, :class:`TrainState` = (step, ``trainable`` adapters and modules_to_save,
+``opt_state``, ``rng``): everything that changes and is checkpointed. The frozen ``base`` is not
+in it: the steps take it as an argument, ``train_step(state, base, batch)``, never donate it (the
+same pretrained weights may serve several runs) and never return it. A train step differentiates
+the loss with respect to ``trainable`` only (``params = combine(base, trainable)`` inside the
+differentiated function, so the base gets no gradient, no optimizer state and no update) and
+applies any optax transformation.
 
 * Gradient accumulation: a batch of ``k·m`` rows is cut into ``k`` micro-batches of ``m`` rows,
-  scanned, and the mean of their gradients is applied once — the same update as one step on the
+  scanned, and the mean of their gradients is applied once: the same update as one step on the
   whole batch when the loss is a mean over rows (tested), at the memory of ``m`` rows.
 * Mixed precision: floating leaves of both trees are cast to ``compute_dtype`` (bf16) inside the
   differentiated function; the trainable tree and the optimizer state stay float32, the casts'
-  transposes bring the gradients back to float32. Store the frozen base in bf16 with
-  ``TrainState.create(..., base_dtype=jnp.bfloat16)`` to halve its memory.
+  transposes bring the gradients back to float32. Store the frozen base in bf16
+  (``cast_floating(base, jnp.bfloat16)``) to halve its memory.
 * :func:`fit` runs the loop: tqdm bar (loss, lr, examples/s), TensorBoard scalars (tensorboardX,
-  no TensorFlow needed), periodic evaluation, best-checkpoint selection on one dev metric, and a
-  final JSON results file.
+  no TensorFlow needed), periodic evaluation saved with its metrics to a
+  :class:`lorapro_jax.checkpoint.TrainCheckpointer` (which keeps the best), and a JSON results
+  file.
 
-Example::
-
-  model = inject(FlaxBertModel(...).module, LoRAConfig(rank=8))
-  base, trainable = split(params, config)
-  optimizer = make_optimizer("lora_pro", make_schedule("cosine", 1e-4, 1000, warmup_ratio=0.03),
-                             scale=config.scales(trainable))
-  state = TrainState.create(base, trainable, optimizer, jax.random.key(0))
-  train_step = make_train_step(loss_fn, optimizer, accum_steps=2, compute_dtype=jnp.bfloat16)
-  state, metrics = train_step(state, batch)
+>>> import jax, jax.numpy as jnp, numpy as np, optax
+>>> base = {"dense": {"kernel": jnp.ones((3, 2))}}
+>>> trainable = {"dense": {"lora_a": jnp.full((3, 1), 0.1), "lora_b": jnp.zeros((1, 2))}}
+>>> def loss_fn(params, batch, rng):   # params = combine(base, trainable)
+...   p = params["dense"]
+...   y = batch["x"] @ (p["kernel"] + p["lora_a"] @ p["lora_b"])
+...   return jnp.mean((y - batch["y"]) ** 2), None
+>>> optimizer = optax.adam(1e-2)
+>>> state = TrainState.create(trainable, optimizer, jax.random.key(0))
+>>> train_step = make_train_step(loss_fn, optimizer, accum_steps=2)
+>>> batch = {"x": np.ones((4, 3), np.float32), "y": np.zeros((4, 2), np.float32)}
+>>> state, metrics = train_step(state, base, batch)
+>>> int(state.step), float(metrics["loss"])         # the loss before the update: (1+1+1)**2
+(1, 9.0)
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ import numpy as np
 import optax
 
 from lorapro_jax.metrics import compute_metrics
+from lorapro_jax.trees import combine
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, Any]]
 
@@ -57,11 +65,8 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
 
 def combine_params(base: Any, trainable: Any) -> Any:
   """The full parameter tree: ``trainable`` alone when there is no frozen base (full fine-tuning),
-  otherwise the Foundation's :func:`lorapro_jax.inject.combine`."""
-  if base is None:
-    return trainable
-  from lorapro_jax.inject import combine  # the Foundation's one merge of the two trees
-  return combine(base, trainable)
+  otherwise :func:`lorapro_jax.trees.combine`."""
+  return trainable if base is None else combine(base, trainable)
 
 
 def _own_buffers(tree: Any) -> Any:
@@ -70,18 +75,18 @@ def _own_buffers(tree: Any) -> Any:
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step reads and writes; a pytree, so it jits, shards and checkpoints as one."""
+  """Everything a step changes; a pytree, so it jits, shards and checkpoints as one. The frozen
+  base is not part of it: the steps take it as their own argument."""
 
   step: jax.Array
-  base: Any
   trainable: Any
   opt_state: Any
   rng: jax.Array
 
   @classmethod
-  def create(cls, base: Any, trainable: Any, optimizer: optax.GradientTransformation,
-             rng: jax.Array, *, base_dtype: Any = None) -> TrainState:
-    """A step-0 state; ``base=None`` for full fine-tuning (everything trainable).
+  def create(cls, trainable: Any, optimizer: optax.GradientTransformation,
+             rng: jax.Array) -> TrainState:
+    """A step-0 state.
 
     The trainable tree and the optimizer state are copied into buffers of their own: the train
     step donates them, which must neither delete the caller's arrays (pretrained weights reused
@@ -92,67 +97,8 @@ class TrainState:
       raise ValueError("the trainable tree has no leaves: nothing to train (check the LoRA "
                        "targets / modules_to_save)")
     trainable = _own_buffers(trainable)
-    return cls(step=jnp.zeros((), jnp.int32), base=cast_floating(base, base_dtype),
-               trainable=trainable, opt_state=_own_buffers(optimizer.init(trainable)), rng=rng)
-
-
-METHODS = ("full", "lora", "rslora", "lora_pro", "lora_pro_full", "dynamic_rank",
-           "lora_pro_dynamic_rank", "lora_pro_full_dynamic_rank")
-
-
-def make_optimizer(method: str, learning_rate: float | optax.Schedule, *, scale: Any = None,
-                   weight_decay: float = 0.0, clip_norm: float | None = 1.0,
-                   total_steps: int | None = None, target_rank: int | None = None,
-                   b1: float = 0.9, b2: float = 0.999,
-                   dynamic_rank_options: Mapping[str, Any] | None = None
-                   ) -> optax.GradientTransformation:
-  """The optimizer chain of a fine-tuning method: ``[clip] → AdamW / LoRA-Pro → [dynamic rank]``.
-
-  * ``full``, ``lora``, ``rslora``: AdamW (the methods differ in what is trainable and in the
-    LoRA scale, not in the optimizer).
-  * ``lora_pro`` (efficient mode) / ``lora_pro_full`` (the paper's full-rank AdamW):
-    :func:`lorapro_jax.lora_pro.lora_pro` with the adapters' ``scale``.
-  * ``*dynamic_rank``: the same, followed by :func:`lorapro_jax.dynamic_rank.dynamic_rank`
-    pruning toward ``target_rank`` over ``total_steps`` (it must come last: it masks the final
-    updates and params).
-
-  Clipping by global norm comes first, on the raw gradients (the reference code of LoRA-Pro clips
-  after Adam with the raw norm; we do not copy that).
-  """
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-  chain = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
-  if method.startswith("lora_pro"):
-    if scale is None:
-      raise ValueError(f"method {method!r} needs the LoRA scale (LoRAConfig.scales(trainable))")
-    from lorapro_jax.lora_pro import lora_pro
-    mode = "full" if method.startswith("lora_pro_full") else "efficient"
-    chain.append(lora_pro(learning_rate, scale, mode=mode, b1=b1, b2=b2,
-                          weight_decay=weight_decay))
-  else:
-    chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
-  if method.endswith("dynamic_rank"):
-    if total_steps is None or target_rank is None:
-      raise ValueError(f"method {method!r} needs total_steps and target_rank")
-    from lorapro_jax.dynamic_rank import dynamic_rank
-    chain.append(dynamic_rank(total_steps, target_rank, **(dynamic_rank_options or {})))
-  elif dynamic_rank_options:
-    raise ValueError(f"dynamic_rank_options given for method {method!r}, which does not prune")
-  return optax.chain(*chain)
-
-
-def dem_regularizer(weight: float, total_steps: int,
-                    final_frac: float = 0.5) -> Callable[[Any, jax.Array], jax.Array]:
-  """``weight · DEM(adapters)`` while dynamic rank prunes (``dem_active``), else 0: the
-  ``regularizer`` of :func:`make_train_step` for the dynamic-rank methods (Mao et al. 2024)."""
-  from lorapro_jax.dynamic_rank import dem_active, dem_penalty
-  if weight < 0:
-    raise ValueError(f"DEM weight must be >= 0, got {weight}")
-
-  def regularizer(trainable, step):
-    return jnp.where(dem_active(step, total_steps, final_frac), weight * dem_penalty(trainable), 0.0)
-
-  return regularizer
+    return cls(step=jnp.zeros((), jnp.int32), trainable=trainable,
+               opt_state=_own_buffers(optimizer.init(trainable)), rng=rng)
 
 
 def _split_micro(batch: Mapping[str, Any], accum_steps: int) -> dict[str, jax.Array]:
@@ -168,8 +114,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     accum_steps: int = 1, compute_dtype: Any = None,
                     regularizer: Callable[[Any, jax.Array], jax.Array] | None = None,
                     jit: bool = True, donate: bool = True, state_sharding: Any = None,
-                    batch_sharding: Any = None) -> Callable[..., tuple[TrainState, dict]]:
-  """``step(state, batch) -> (state, {"loss", "grad_norm"})``.
+                    base_sharding: Any = None, batch_sharding: Any = None
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """``step(state, base, batch) -> (state, {"loss", "grad_norm"})``.
 
   Args:
     loss_fn: ``loss_fn(params, batch, rng) -> (mean loss, aux)``, params the combined tree.
@@ -178,8 +125,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     compute_dtype: dtype of the forward/backward pass (None: the parameters' own).
     regularizer: ``regularizer(trainable, step) -> scalar`` added to the loss (e.g. the DEM
       penalty of dynamic rank), differentiated with it, computed in float32.
-    state_sharding, batch_sharding: from :mod:`lorapro_jax.sharding`; the jitted step keeps the
-      state in its sharding (None: whatever the inputs have).
+    jit, donate: jit the step; donate ``state`` (never ``base``) to it.
+    state_sharding, base_sharding, batch_sharding: from :mod:`lorapro_jax.sharding`; the jitted
+      step keeps the state in its sharding (None: whatever the inputs have).
   """
   if accum_steps < 1:
     raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
@@ -195,14 +143,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, base: Any,
+                 batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
     rng, step_rng = jax.random.split(state.rng)
     if accum_steps == 1:
-      (_, loss), grads = grad_fn(state.trainable, state.base, batch, step_rng, state.step)
+      (_, loss), grads = grad_fn(state.trainable, base, batch, step_rng, state.step)
     else:
       def accumulate(carry, micro):
         index, micro_batch = micro
-        (_, micro_loss), micro_grads = grad_fn(state.trainable, state.base, micro_batch,
+        (_, micro_loss), micro_grads = grad_fn(state.trainable, base, micro_batch,
                                                jax.random.fold_in(step_rng, index), state.step)
         return jax.tree.map(jnp.add, carry, (micro_loss, micro_grads)), None
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.trainable))
@@ -219,46 +168,33 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return train_step
   if (state_sharding is None) != (batch_sharding is None):
     raise ValueError("give both state_sharding and batch_sharding, or neither")
-
-  # The frozen base is an input but never donated: it is shared (pretrained weights reused by
-  # several runs) and passes through unchanged; the rest of the state is donated and updated.
-  def step_without_base(rest: TrainState, base: Any, batch: Mapping[str, Any]):
-    new_state, metrics = train_step(rest.replace(base=base), batch)
-    return new_state.replace(base=None), metrics
-
   shardings = {}
   if state_sharding is not None:
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    shardings = {"in_shardings": (state_sharding.replace(base=None), state_sharding.base,
-                                  batch_sharding),
-                 "out_shardings": (state_sharding.replace(base=None), replicated)}
-  jitted = jax.jit(step_without_base, donate_argnums=(0,) if donate else (), **shardings)
-
-  def jitted_train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
-    new_rest, metrics = jitted(state.replace(base=None), state.base, batch)
-    return new_rest.replace(base=state.base), metrics
-
-  return jitted_train_step
+    shardings = {"in_shardings": (state_sharding, base_sharding, batch_sharding),
+                 "out_shardings": (state_sharding, replicated)}
+  return jax.jit(train_step, donate_argnums=(0,) if donate else (), **shardings)
 
 
 def make_eval_step(predict_fn: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]],
                    *, compute_dtype: Any = None, jit: bool = True) -> Callable[..., dict]:
-  """``eval_step(state, batch) -> predict_fn(params, batch)`` (a dict of per-row outputs)."""
+  """``eval_step(state, base, batch) -> predict_fn(params, batch)`` (a dict of per-row outputs)."""
 
-  def eval_step(state: TrainState, batch: Mapping[str, Any]) -> dict:
-    params = combine_params(cast_floating(state.base, compute_dtype),
+  def eval_step(state: TrainState, base: Any, batch: Mapping[str, Any]) -> dict:
+    params = combine_params(cast_floating(base, compute_dtype),
                             cast_floating(state.trainable, compute_dtype))
     return dict(predict_fn(params, batch))
 
   return jax.jit(eval_step) if jit else eval_step
 
 
-def evaluate(eval_step: Callable[..., dict], state: TrainState,
+def evaluate(eval_step: Callable[..., dict], state: TrainState, base: Any,
              batches: Iterable[Mapping[str, np.ndarray]], metric_names: Sequence[str], *,
              prediction_key: str = "predictions", label_key: str = "labels",
              score_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], dict] | None = None
              ) -> dict[str, float]:
-  """Runs ``eval_step`` over all batches and scores the unpadded rows (``mask`` == 1).
+  """Runs ``eval_step(state, base, batch)`` over all batches and scores the unpadded rows
+  (``mask`` == 1).
 
   The named metrics of :mod:`lorapro_jax.metrics` compare predictions with ``batch[label_key]``;
   ``score_fn(predictions, labels, mask) -> metrics`` replaces them where scoring needs more
@@ -267,7 +203,7 @@ def evaluate(eval_step: Callable[..., dict], state: TrainState,
   """
   predictions, labels, masks, losses = [], [], [], []
   for batch in batches:
-    outputs = jax.device_get(eval_step(state, batch))
+    outputs = jax.device_get(eval_step(state, base, batch))
     if prediction_key not in outputs:
       raise KeyError(f"eval step returned {sorted(outputs)}, expected a {prediction_key!r} entry")
     predictions.append(np.asarray(outputs[prediction_key]))
@@ -297,26 +233,26 @@ def _summary_writer(log_dir: str | None):
   return SummaryWriter(log_dir)
 
 
-def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
+def fit(state: TrainState, base: Any, train_step: Callable[..., tuple[TrainState, dict]],
         train_batches: Iterable[Mapping[str, np.ndarray]], num_steps: int, *,
         evaluate_fn: Callable[[TrainState], dict[str, float]] | None = None,
-        eval_every: int = 0, best_metric: str | None = None, higher_is_better: bool = True,
+        eval_every: int = 0, checkpointer: Any = None,
+        data_position: Callable[[], Any] | None = None,
         schedule: optax.Schedule | None = None, log_every: int = 10,
-        log_dir: str | None = None, on_best: Callable[[TrainState, dict], None] | None = None,
-        on_eval: Callable[[TrainState, dict], None] | None = None,
-        on_step: Callable[[TrainState, dict], None] | None = None,
+        log_dir: str | None = None, on_step: Callable[[TrainState, dict], None] | None = None,
         results_path: str | None = None, progress: bool = True,
         extra_results: Mapping[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
-  """Trains until ``state.step == num_steps``; returns (final state, results).
+  """Trains with ``train_step(state, base, batch)`` until ``state.step == num_steps``; returns
+  (final state, results).
 
-  Evaluates every ``eval_every`` steps and at the end; whenever ``best_metric`` improves,
-  ``on_best(state, metrics)`` is called and the host copy of the best trainable tree is kept in
-  ``results["best_trainable"]`` (not written to JSON). ``on_eval(state, metrics)`` is called
-  after every evaluation (save a checkpoint with its metrics there: the checkpointer keeps the
-  best), ``on_step(state, metrics)`` after each step (periodic checkpoints, with the data
-  iterator's position).
-  The results — history of (step, loss, lr), evaluations, best, final, wall time, ms per step —
-  go to ``results_path`` as JSON.
+  Evaluates (``evaluate_fn(state) -> metrics``) every ``eval_every`` steps and at the end. With
+  a ``checkpointer`` (:class:`lorapro_jax.checkpoint.TrainCheckpointer`), every evaluated state
+  that this call trained is saved with its metrics and ``data_position()`` (e.g. the batch
+  iterator's ``state``); the checkpointer keeps the best by its ``best_metric``, and
+  ``results["best"]`` is the evaluation of its :meth:`~TrainCheckpointer.best_step` (restore that
+  step for the best weights). ``on_step(state, metrics)`` runs after each step (periodic
+  checkpoints, say). The results (history of (step, loss, grad_norm, lr), evaluations, best, final,
+  wall time, median ms per step) go to ``results_path`` as JSON.
   """
   from tqdm.auto import tqdm
   writer = _summary_writer(log_dir)
@@ -325,8 +261,6 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
     raise ValueError(f"state is at step {start_step}, past num_steps={num_steps}")
   history: list[dict[str, float]] = []
   evaluations: list[dict[str, float]] = []
-  best: dict[str, Any] | None = None
-  best_trainable = None
   iterator = iter(train_batches)
   bar = tqdm(total=num_steps, initial=start_step, disable=not progress, dynamic_ncols=True)
   step_times: list[float] = []
@@ -353,25 +287,16 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
     examples, last_time = 0, now
 
   def run_eval(step: int):
-    nonlocal best, best_trainable, last_time
+    nonlocal last_time
     flush()
-    metrics = dict(evaluate_fn(state))
-    metrics["step"] = step
+    metrics = {**evaluate_fn(state), "step": step}
     evaluations.append(metrics)
     for name, value in metrics.items():
       if name != "step":
         writer.add_scalar(f"eval/{name}", value, step)
-    if on_eval is not None:
-      on_eval(state, metrics)
-    if best_metric is not None:
-      if best_metric not in metrics:
-        raise KeyError(f"best_metric {best_metric!r} not among evaluation results {sorted(metrics)}")
-      value = metrics[best_metric]
-      if best is None or (value > best[best_metric] if higher_is_better else value < best[best_metric]):
-        best = dict(metrics)
-        best_trainable = jax.device_get(state.trainable)
-        if on_best is not None:
-          on_best(state, metrics)
+    if checkpointer is not None and step > start_step:  # an untrained state is saved already
+      checkpointer.save(state, step=step, metrics=metrics, force=True,
+                        data_position=None if data_position is None else data_position())
     last_time = time.perf_counter()  # evaluation time is not training throughput
 
   wall_start = time.perf_counter()
@@ -381,7 +306,7 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
     except StopIteration:
       raise ValueError(f"train batches ran out at step {step} of {num_steps}") from None
     tick = time.perf_counter()
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, base, batch)
     jax.block_until_ready(metrics["loss"])  # honest per-step timing
     step_times.append(time.perf_counter() - tick)
     if on_step is not None:
@@ -398,6 +323,12 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
     run_eval(num_steps)
   bar.close()
   writer.close()
+  best = None
+  if checkpointer is not None and checkpointer.best_metric is not None:
+    checkpointer.wait_until_finished()
+    best_step = checkpointer.best_step()
+    if best_step is not None:
+      best = {**checkpointer.read_meta(best_step)["metrics"], "step": best_step}
   # the first steps include compilation: time the rest
   steady = step_times[min(len(step_times) - 1, 2):] if step_times else []
   results: dict[str, Any] = {
@@ -409,7 +340,6 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, dict]],
   }
   if results_path is not None:
     write_json(results_path, results)
-  results["best_trainable"] = best_trainable
   return state, results
 
 

@@ -1,17 +1,17 @@
 """A tiny LoRA training run that checkpoints every few steps and resumes from the newest
 committed step: the subprocess that ``tests/test_checkpoint.py`` kills with SIGKILL.
 
-Model: two frozen kernels with LoRA pairs (one gated with ``lora_c``), a squared loss on a
-deterministic stream of batches (batch t is drawn from ``default_rng(t)``), input dropout drawn
-from the state's rng key, so that the step, the key, the data position and every moment must come
-back exactly. Optimizer: LoRA-Pro in full mode (``lorapro_jax.lora_pro``, full-rank Adam moments)
-followed by dynamic rank (EMA scores, masks). Train step: ``lorapro_jax.train.make_train_step``
-(jit, donated state).
+Model: two frozen kernels (the base, passed to the step apart from the state) with gated LoRA
+pairs, a squared loss on a deterministic stream of batches (batch t is drawn from
+``default_rng(t)``), input dropout drawn from the state's rng key, so that the step, the key, the
+data position and every moment must come back exactly. Optimizer: LoRA-Pro's full-rank AdamW
+(``lora_pro_full``) followed by dynamic rank (EMA scores, masks). Train step:
+``lorapro_jax.train.make_train_step`` (jit, donated state).
 
-Prints one line per event (``step t``, ``save t``, ``done``) so the parent can kill it at chosen
-points. ``--kill-after-save t`` makes the process SIGKILL itself after the asynchronous save of
-step t was started, as soon as Orbax's temporary directory for it appears (mid-write). At the end
-the final state is written to ``--out`` (safetensors, keys = leaf paths).
+Prints one line per event (``step t``, ``save t``, ``done``) so the parent can kill it (or stop
+it) at chosen points. ``--kill-after-save t`` makes the process SIGKILL itself after the
+asynchronous save of step t was started, as soon as Orbax's temporary directory for it appears
+(mid-write). At the end the final state is written to ``--out`` (safetensors, keys = leaf paths).
 """
 import argparse
 import os
@@ -24,27 +24,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lorapro_jax.checkpoint import TrainCheckpointer, named_leaves
-from lorapro_jax.dynamic_rank import dynamic_rank
-from lorapro_jax.lora_pro import lora_pro
+from lorapro_jax.adapters import dotted
+from lorapro_jax.checkpoint import TrainCheckpointer
+from lorapro_jax.dynamic_rank import DynamicRankConfig, dynamic_rank
+from lorapro_jax.lora_pro import lora_pro_full
 from lorapro_jax.train import TrainState, make_train_step
+from lorapro_jax.trees import named_leaves
 
-N_IN, HIDDEN, N_OUT, RANK, BATCH = 12, 10, 6, 4, 8
-CONFIG = {"rank": RANK, "alpha": 8.0, "note": "resume driver"}
+N_IN, HIDDEN, N_OUT, RANK, TARGET_RANK, BATCH = 12, 10, 6, 3, 2, 8
+CONFIG = {"rank": RANK, "alpha": 6.0, "note": "resume driver"}
 SCALE = CONFIG["alpha"] / RANK
 
 
 def frozen_base():
   rng = np.random.default_rng(1234)
-  return {"w1": jnp.asarray(rng.normal(size=(N_IN, HIDDEN)) / np.sqrt(N_IN), jnp.float32),
-          "w2": jnp.asarray(rng.normal(size=(HIDDEN, N_OUT)) / np.sqrt(HIDDEN), jnp.float32)}
+  return {"w1": {"kernel": jnp.asarray(rng.normal(size=(N_IN, HIDDEN)) / np.sqrt(N_IN),
+                                       jnp.float32)},
+          "w2": {"kernel": jnp.asarray(rng.normal(size=(HIDDEN, N_OUT)) / np.sqrt(HIDDEN),
+                                       jnp.float32)}}
 
 
 def initial_adapters():
   rng = np.random.default_rng(99)
   def normal(*shape):
     return jnp.asarray(rng.normal(size=shape) * 0.3, jnp.float32)
-  return {"w1": {"lora_a": normal(N_IN, RANK), "lora_b": normal(RANK, HIDDEN)},
+  return {"w1": {"lora_a": normal(N_IN, RANK), "lora_b": normal(RANK, HIDDEN),
+                 "lora_c": normal(RANK)},
           "w2": {"lora_a": normal(HIDDEN, RANK), "lora_b": normal(RANK, N_OUT),
                  "lora_c": normal(RANK)}}
 
@@ -55,25 +60,22 @@ def batch_at(index):
   return {"x": x, "y": np.tanh(x[:, :N_OUT] * 2.0 + 0.5).astype(np.float32)}
 
 
-def delta(node):
-  a = node["lora_a"] * node["lora_c"] if "lora_c" in node else node["lora_a"]
-  return SCALE * a @ node["lora_b"]
+def kernel(node):
+  return node["kernel"] + SCALE * (node["lora_a"] * node["lora_c"]) @ node["lora_b"]
 
 
-def make_loss(base):
-  def loss_fn(trainable, batch, rng):
-    keep = jax.random.bernoulli(rng, 0.9, batch["x"].shape)
-    x = jnp.where(keep, batch["x"] / 0.9, 0.0)
-    h = jnp.tanh(x @ (base["w1"] + delta(trainable["w1"])))
-    prediction = h @ (base["w2"] + delta(trainable["w2"]))
-    return jnp.mean((prediction - batch["y"]) ** 2), None
-  return loss_fn
+def loss_fn(params, batch, rng):
+  keep = jax.random.bernoulli(rng, 0.9, batch["x"].shape)
+  x = jnp.where(keep, batch["x"] / 0.9, 0.0)
+  prediction = jnp.tanh(x @ kernel(params["w1"])) @ kernel(params["w2"])
+  return jnp.mean((prediction - batch["y"]) ** 2), None
 
 
 def make_optimizer(total_steps):
-  optimizer = lora_pro(optax.cosine_decay_schedule(3e-2, total_steps), scale=SCALE, mode="full",
-                       weight_decay=0.01)
-  return optax.chain(optimizer, dynamic_rank(total_steps, target_rank=RANK // 2, interval=2))
+  optimizer = lora_pro_full(optax.cosine_decay_schedule(3e-2, total_steps), SCALE,
+                            weight_decay=0.01)
+  pruning = DynamicRankConfig(total_steps=total_steps, target_rank=TARGET_RANK, interval=2)
+  return optax.chain(optimizer, dynamic_rank(pruning))
 
 
 def _kill_once_writing(directory, step):
@@ -96,8 +98,9 @@ def main():
   args = parser.parse_args()
 
   optimizer = make_optimizer(args.steps)
-  train_step = make_train_step(make_loss(frozen_base()), optimizer, donate=True)
-  state = TrainState.create(None, initial_adapters(), optimizer, jax.random.key(7))
+  train_step = make_train_step(loss_fn, optimizer, donate=True)
+  base = frozen_base()
+  state = TrainState.create(initial_adapters(), optimizer, jax.random.key(7))
   position = 0
   checkpoints = TrainCheckpointer(args.dir, CONFIG, keep=2, async_save=True,
                                   save_interval_steps=args.save_every)
@@ -106,7 +109,7 @@ def main():
     state, position = restored.state, restored.data_position["next_batch"]
     print(f"resumed {restored.step}", flush=True)
   while int(state.step) < args.steps:
-    state, _ = train_step(state, batch_at(position))
+    state, _ = train_step(state, base, batch_at(position))
     position += 1
     step = int(state.step)
     print(f"step {step}", flush=True)
@@ -117,7 +120,7 @@ def main():
   checkpoints.close()
 
   from safetensors.numpy import save_file
-  final = {"/".join(path): np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(
+  final = {dotted(path): np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(
       leaf.dtype, jax.dtypes.prng_key) else leaf) for path, leaf in named_leaves(state)}
   save_file(final, args.out)
   print("done", flush=True)

@@ -9,9 +9,9 @@ import pytest
 
 from experiments.configs import all_configs, get_config
 from experiments.results_table import collect, markdown_tables, mean_std
-from experiments.run import run_experiment
+from experiments.run import dynamic_rank_for, lora_config_for, run_experiment
+from lorapro_jax.methods import METHODS
 from lorapro_jax.metrics import METRICS
-from lorapro_jax.train import METHODS
 
 TINY = dict(tiny=True, mock_data=True, batch_size=4, max_examples=8, progress=False)
 
@@ -36,20 +36,29 @@ def _config(name, gsm_files):
   return config.replace(**gsm_files) if config.family == "llama" else config
 
 
+class _RobertaTask:  # what lora_config_for reads of a task
+  lora_family, modules_to_save = "roberta", ("classifier",)
+
+
 def test_configs_are_complete():
   configs = all_configs()
   assert {c.family for c in configs.values()} == {"t5", "roberta", "llama", "vit"}
   assert len([n for n in configs if n.startswith("lorapro_t5_glue/")]) == 5
   assert len([n for n in configs if n.startswith("dora_roberta_glue/")]) == 16
   for config in configs.values():
-    assert set(config.methods) <= set(METHODS), config.name
+    assert config.methods == tuple(METHODS), config.name  # every method of the table
     assert set(config.metrics) <= set(METRICS), config.name
   table1 = get_config("lorapro_t5_glue/cola")
   assert (table1.rank, table1.alpha, table1.learning_rate, table1.batch_size, table1.epochs,
           table1.max_length, table1.schedule, table1.warmup_ratio, table1.seeds) == (
               8, 16.0, 1e-4, 32, 1.0, 128, "cosine", 0.03, (0, 1, 2))
   budget = get_config("dora_roberta_glue/rte_r2")
-  assert (budget.rank, budget.initial_rank) == (2, 3)
+  method = METHODS["dynamic_rank"]
+  lora = lora_config_for(budget, method, _RobertaTask, dynamic_rank_for(budget, method, 100))
+  assert (budget.rank, lora.rank, lora.gated, lora.alpha) == (2, 3, True, 4.0)  # r = 2 from 3
+  assert lora_config_for(budget, METHODS["full"], _RobertaTask) is None
+  with pytest.raises(ValueError, match=r"methods \['qlora'\] of x: expected names of \['full'"):
+    budget.replace(name="x", methods=("lora", "qlora"))
   llama = get_config("llama2_metamath/gsm8k")
   assert (llama.learning_rate, llama.max_length, llama.compute_dtype) == (2e-5, 1024, "bfloat16")
   with pytest.raises(ValueError, match="unknown experiment 'nope'"):
@@ -82,7 +91,7 @@ def test_methods_run_on_each_family(name, method, gsm_files, tmp_path):
                            max_steps=2, **TINY)
   assert len(results["history"]) == 2 and all(math.isfinite(h["loss"]) for h in results["history"])
   # tiny models embed the 30,522-token vocabulary in 32 dims: ~1M parameters, adapters ~10k
-  if method == "full":
+  if not METHODS[method].adapters:
     assert results["trainable_params"] > 900_000
   else:
     assert results["trainable_params"] < 100_000

@@ -11,8 +11,8 @@ import pytest
 import transformers
 
 from lorapro_jax.adapters import adapter_paths
-from lorapro_jax.inject import (combine, count_params, init_adapters, inject, linear_layer_paths,
-                                merge, split, unmerge)
+from lorapro_jax.inject import init_adapters, inject, linear_layer_paths
+from lorapro_jax.trees import combine, count_params, merge, split, unmerge
 from lorapro_jax.lora import LoRAConfig
 from lorapro_jax.models import hf_example_inputs, preset
 

@@ -1,6 +1,8 @@
-"""LoRA-Pro: parity with the float64 reference vectors, the optax transforms, state, sharding."""
+"""LoRA-Pro: parity with the float64 reference vectors, the optax transforms, state, sharding,
+optax composition (inject_hyperparams, apply_if_finite), and the PyTorch port lora-pro-adamw."""
 import os
 import re
+import types
 
 import chex
 import jax
@@ -10,14 +12,25 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from lorapro_jax import equivalent_gradient, lora_pro, lora_pro_adjust, lora_pro_project
 from lorapro_jax.adapters import AdapterKeys
-from lorapro_jax.lora_pro import sylvester_y
+from lorapro_jax.lora_pro import (
+    equivalent_gradient, lora_pro, lora_pro_adjust, lora_pro_full, lora_pro_project)
 
 # Jitted once per module: eager dispatch of the many small ops dominates otherwise.
-adjust = jax.jit(lora_pro_adjust, static_argnames=("x_mode", "ridge"))
-jit_sylvester_y = jax.jit(sylvester_y, static_argnames=("ridge",))
+adjust = jax.jit(lora_pro_adjust, static_argnames=("y", "ridge"))
 jit_equivalent = jax.jit(equivalent_gradient, static_argnames=("ridge",))
+OPTIMIZERS = {"efficient": lora_pro, "full": lora_pro_full}
+
+
+def sylvester_y(a, b, grad_a, grad_b, s, ridge=1e-8):
+  """The Y that ``y="sylvester"`` used, read off the library's own output: the two choices of Y
+  differ in gA by exactly ``A·Y``, so ``Y = pinv(A)·(gA_sylvester − gA_zero)``."""
+  sylvester = lora_pro_adjust(a, b, grad_a, grad_b, s, ridge=ridge)[0]
+  zero = lora_pro_adjust(a, b, grad_a, grad_b, s, y="zero", ridge=ridge)[0]
+  return jnp.linalg.pinv(a) @ (sylvester - zero)
+
+
+jit_sylvester_y = jax.jit(sylvester_y, static_argnames=("ridge",))
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "lorapro_v1.npz")
 TOLERANCE = {True: (1e-7, 1e-7), False: (2e-4, 2e-3)}  # x64: (single step, trajectories)
@@ -64,11 +77,11 @@ def test_single_step_parity(ref, case, x64):
     dtype = jnp.float64 if x64 else jnp.float32
     a, b, grad_a, grad_b, s = (jnp.asarray(ref[f"{case}/{k}"], dtype)
                                for k in ("A", "B", "gA_l", "gB_l", "s"))
-    for x_mode in ("zero", "sylvester"):
-      new_a, new_b = adjust(a, b, grad_a, grad_b, s, x_mode=x_mode, ridge=float(ref["meta/delta"]))
+    for y in ("zero", "sylvester"):
+      new_a, new_b = adjust(a, b, grad_a, grad_b, s, y=y, ridge=float(ref["meta/delta"]))
       assert new_a.dtype == dtype
-      assert_close(new_a, ref[f"{case}/expected_gA_{x_mode}"], rtol, f"{case} gA {x_mode}")
-      assert_close(new_b, ref[f"{case}/expected_gB_{x_mode}"], rtol, f"{case} gB {x_mode}")
+      assert_close(new_a, ref[f"{case}/expected_gA_{y}"], rtol, f"{case} gA {y}")
+      assert_close(new_b, ref[f"{case}/expected_gB_{y}"], rtol, f"{case} gB {y}")
     assert_close(jit_sylvester_y(a, b, grad_a, grad_b, s), ref[f"{case}/expected_Y_sylvester"], rtol,
                  f"{case} Y")
     assert_close(jit_equivalent(a, b, grad_a, grad_b, s), ref[f"{case}/expected_g_eq"], rtol,
@@ -145,8 +158,8 @@ def test_trajectory_parity(ref, mode, x64):
     if mode == "sgd":
       optimizer = optax.chain(lora_pro_project(s, ridge=ridge), optax.sgd(hp["sgd_lr"]))
     else:
-      optimizer = lora_pro(hp["lr"], s, mode=mode, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
-                           weight_decay=hp["weight_decay"], ridge=ridge)
+      optimizer = OPTIMIZERS[mode](hp["lr"], s, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
+                                   weight_decay=hp["weight_decay"], ridge=ridge)
 
     def record(grads, params):
       pair, raw = params["layer"], grads["layer"]
@@ -311,7 +324,7 @@ def test_custom_keys_and_scale_tree():
 def test_non_lora_leaves_get_plain_adamw(mode):
   params, grads = _random_tree(4)
   hyper = dict(b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1)
-  ours = lora_pro(1e-2, SCALES, mode=mode, **hyper)
+  ours = OPTIMIZERS[mode](1e-2, SCALES, **hyper)
   reference = optax.adamw(1e-2, **hyper)
   others = lambda t: {"head": t["head"], "c": t["gated"]["lora_c"]}
   state, ref_state = ours.init(params), reference.init(others(params))
@@ -332,18 +345,18 @@ def test_full_mode_with_identity_inner_is_the_adjusted_gradient():
     params, grads = _random_tree(5, jnp.float64)
     pairs = {"encoder": params["encoder"]}
     raw = {"encoder": grads["encoder"]}
-    optimizer = lora_pro(0.1, SCALES, mode="full", inner=optax.identity())
+    scales = {"encoder": SCALES["encoder"]}
+    optimizer = lora_pro_full(0.1, scales, inner=optax.identity())
     updates, _ = jax.jit(optimizer.update)(raw, optimizer.init(pairs), pairs)
-    adjusted, _ = jax.jit(lora_pro_project(SCALES).update)(raw, optax.EmptyState(), pairs)
+    adjusted, _ = jax.jit(lora_pro_project(scales).update)(raw, optax.EmptyState(), pairs)
     chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.1 * g, adjusted), rtol=1e-6)
 
 
 def test_full_mode_inner_adam_equals_default():
   params, grads = _random_tree(6)
   hyper = dict(b1=0.85, b2=0.95, eps=1e-7, weight_decay=0.05)
-  default = lora_pro(3e-3, SCALES, mode="full", **hyper)
-  explicit = lora_pro(3e-3, SCALES, mode="full", inner=optax.scale_by_adam(0.85, 0.95, 1e-7),
-                      **hyper)
+  default = lora_pro_full(3e-3, SCALES, **hyper)
+  explicit = lora_pro_full(3e-3, SCALES, inner=optax.scale_by_adam(0.85, 0.95, 1e-7), **hyper)
   states = [default.init(params), explicit.init(params)]
   updates = [jax.jit(default.update), jax.jit(explicit.update)]
   for step in range(3):
@@ -364,7 +377,7 @@ def test_full_mode_with_factored_inner():
   params, grads = (t["encoder"]["query"] for t in _random_tree(12))
   params, grads = {"layer": params}, {"layer": grads}
   inner = optax.scale_by_factored_rms(min_dim_size_to_factor=4)
-  optimizer = lora_pro(1e-2, 2.0, mode="full", inner=inner)
+  optimizer = lora_pro_full(1e-2, 2.0, inner=inner)
   state = optimizer.init(params)
   updates, state = jax.jit(optimizer.update)(grads, state, params)
   factored = state[0].inner
@@ -383,8 +396,8 @@ def test_learning_rate_schedule(mode):
   """Updates are linear in the learning rate: a schedule gives schedule(t) x the unit-lr update."""
   params, grads = _random_tree(7)
   schedule = optax.linear_schedule(1e-2, 1e-3, transition_steps=4)
-  scheduled = lora_pro(schedule, SCALES, mode=mode, weight_decay=0.1)
-  unit = lora_pro(1.0, SCALES, mode=mode, weight_decay=0.1)
+  scheduled = OPTIMIZERS[mode](schedule, SCALES, weight_decay=0.1)
+  unit = OPTIMIZERS[mode](1.0, SCALES, weight_decay=0.1)
   s1, s2 = scheduled.init(params), unit.init(params)
   update_scheduled, update_unit = jax.jit(scheduled.update), jax.jit(unit.update)
   for step in range(4):
@@ -398,7 +411,7 @@ def test_learning_rate_schedule(mode):
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 def test_state_round_trips_through_orbax(tmp_path, mode):
   params, grads = _random_tree(8)
-  optimizer = lora_pro(1e-2, SCALES, mode=mode)
+  optimizer = OPTIMIZERS[mode](1e-2, SCALES)
   update = jax.jit(optimizer.update)
   _, state = update(grads, optimizer.init(params), params)
   checkpointer = ocp.StandardCheckpointer()
@@ -434,7 +447,7 @@ class TestJit(chex.TestCase):
   def test_full_mode_step(self):
     params, grads = (t["encoder"]["query"] for t in _random_tree(9))
     params, grads = {"encoder": {"query": params}}, {"encoder": {"query": grads}}
-    optimizer = lora_pro(1e-2, SCALES, mode="full", weight_decay=0.1)
+    optimizer = lora_pro_full(1e-2, {"encoder": {"query": 2.0}}, weight_decay=0.1)
     update = self.variant(optimizer.update)
     updates, _ = update(grads, optimizer.init(params), params)
     # one Adam step from zero moments is lr·sign(g_eq) per entry in the full-rank space
@@ -450,13 +463,9 @@ class TestJit(chex.TestCase):
 
 def test_bad_input_raises_clear_errors():
   params, grads = _random_tree(10)
-  with pytest.raises(ValueError, match="x_mode"):
-    lora_pro_project(2.0, x_mode="svd")
-  with pytest.raises(ValueError, match="mode"):
-    lora_pro(1e-3, 2.0, mode="fast")
-  with pytest.raises(ValueError, match="inner"):
-    lora_pro(1e-3, 2.0, inner=optax.identity())
-  with pytest.raises(ValueError, match="ridge"):
+  with pytest.raises(ValueError, match=r"y must be one of \('sylvester', 'zero'\), got 'svd'"):
+    lora_pro_project(2.0, y="svd")
+  with pytest.raises(ValueError, match="ridge must be a number >= 0, got -1.0"):
     lora_pro_adjust(jnp.ones((3, 2)), jnp.ones((2, 3)), jnp.ones((3, 2)), jnp.ones((2, 3)), 1.0,
                     ridge=-1.0)
   with pytest.raises(ValueError, match="must be > 0"):
@@ -469,6 +478,101 @@ def test_bad_input_raises_clear_errors():
     lora_pro_adjust(jnp.ones((4, 10)), jnp.ones((3, 10)), jnp.ones((4, 10)), jnp.ones((3, 10)), 1.0)
   with pytest.raises(ValueError, match="do not match"):
     lora_pro_adjust(jnp.ones((4, 2)), jnp.ones((2, 3)), jnp.ones((4, 3)), jnp.ones((2, 3)), 1.0)
+  with pytest.raises(ValueError, match=r"gated: expected lora_c of shape \(\*stack, r\) = \(4,\)"):
+    bad_gates = {**params, "gated": {**params["gated"], "lora_c": jnp.ones(3)}}
+    lora_pro_project(SCALES).update(grads, optax.EmptyState(), bad_gates)
+
+
+@pytest.mark.parametrize("factory", [lora_pro_project, lora_pro, lora_pro_full])
+def test_tree_without_pairs_raises_instead_of_plain_adamw(factory):
+  """PEFT's names (lora_A/lora_B) or a wrong ``keys`` find no pair: without the error LoRA-Pro
+  would silently be AdamW on every leaf."""
+  build = (lambda **kw: factory(2.0, **kw)) if factory is lora_pro_project else (
+      lambda **kw: factory(1e-3, 2.0, **kw))
+  peft_style = {"q": {"lora_A": jnp.ones((2, 4)), "lora_B": jnp.ones((3, 2))}, "head": jnp.ones(3)}
+  with pytest.raises(ValueError, match=r"no LoRA pair.*'lora_a' and 'lora_b'.*q\.lora_A, q\.lora_B"):
+    build().init(peft_style)
+  params, grads = _random_tree(18)
+  with pytest.raises(ValueError, match="no LoRA pair.*'down' and 'up'"):
+    build(keys=AdapterKeys(a="down", b="up")).init(params)
+  # update() checks too (a state made for another tree)
+  state = build().init(params)
+  with pytest.raises(ValueError, match="no LoRA pair"):
+    build().update({"head": grads["head"]}, state, {"head": params["head"]})
+
+
+def test_scale_tree_with_entries_that_are_no_pair_raises():
+  params, _ = _random_tree(19)
+  for extra in ({"decoder": {"query": 1.0}}, {"head": 2.0}):
+    with pytest.raises(ValueError, match=r"no adapter pair of the tree: \['(decoder\.query|head)'\]"):
+      lora_pro(1e-3, {**SCALES, **extra}).init(params)
+    with pytest.raises(ValueError, match="no adapter pair"):
+      lora_pro_full(1e-3, {**SCALES, **extra}).init(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition with optax: inject_hyperparams, apply_if_finite
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_inject_hyperparams(mode):
+  """Every numeric option becomes an injectable hyperparameter (ridge included); a learning rate
+  and weight decay changed in the state between steps give exactly the step of an optimizer
+  built with them, from the same moments."""
+  factory = OPTIMIZERS[mode]
+  params, grads = _random_tree(20)
+  params, grads = ({k: t[k] for k in ("encoder", "head")} for t in (params, grads))
+  injected = optax.inject_hyperparams(factory)(learning_rate=1e-2, scale=2.0, weight_decay=0.1)
+  assert {"learning_rate", "scale", "weight_decay", "ridge", "b1"} <= set(
+      injected.init(params).hyperparams)
+  update = jax.jit(injected.update)
+  state = injected.init(params)
+  first, state = update(grads, state, params)
+  fixed = factory(1e-2, 2.0, weight_decay=0.1)
+  expected, _ = jax.jit(fixed.update)(grads, fixed.init(params), params)
+  chex.assert_trees_all_close(first, expected, rtol=1e-5, atol=1e-9)
+
+  params = optax.apply_updates(params, first)
+  state.hyperparams["learning_rate"] = jnp.asarray(3e-3)
+  state.hyperparams["weight_decay"] = jnp.asarray(0.5)
+  next_grads = jax.tree.map(lambda g: jnp.cos(g), grads)
+  second, _ = update(next_grads, state, params)
+  fresh = factory(3e-3, 2.0, weight_decay=0.5)
+  expected, _ = jax.jit(fresh.update)(next_grads, state.inner_state, params)
+  chex.assert_trees_all_close(second, expected, rtol=1e-5, atol=1e-9)
+  # the change mattered: the old rate gives another step
+  old, _ = jax.jit(fixed.update)(next_grads, state.inner_state, params)
+  assert not np.allclose(old["head"]["kernel"], second["head"]["kernel"], rtol=0.1)
+
+
+@pytest.mark.parametrize("mode", ["efficient", "full"])
+def test_apply_if_finite_skips_and_counts_non_finite_steps(mode):
+  """``optax.apply_if_finite(lora_pro(...))``: a NaN/Inf gradient gives a zero update and leaves
+  our state untouched, the skip is counted, and the run continues exactly as if the bad step had
+  never happened."""
+  params, grads = _random_tree(21)
+  guarded = optax.apply_if_finite(OPTIMIZERS[mode](1e-2, SCALES, weight_decay=0.1),
+                                  max_consecutive_errors=3)
+  plain = OPTIMIZERS[mode](1e-2, SCALES, weight_decay=0.1)
+  guarded_update, plain_update = jax.jit(guarded.update), jax.jit(plain.update)
+  bad = {**grads, "encoder": {**grads["encoder"], "mlp": {
+      **grads["encoder"]["mlp"], "lora_a": grads["encoder"]["mlp"]["lora_a"].at[1, 2, 0].set(jnp.nan)}}}
+  guarded_state, plain_state = guarded.init(params), plain.init(params)
+  guarded_params = plain_params = params
+  for step, step_grads in enumerate([grads, bad, jax.tree.map(jnp.sin, grads)]):
+    before = guarded_state.inner_state
+    updates, guarded_state = guarded_update(step_grads, guarded_state, guarded_params)
+    guarded_params = optax.apply_updates(guarded_params, updates)
+    if step == 1:
+      chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+      chex.assert_trees_all_equal(guarded_state.inner_state, before)
+      assert int(guarded_state.total_notfinite) == 1 and not bool(guarded_state.last_finite)
+      continue
+    updates, plain_state = plain_update(step_grads, plain_state, plain_params)
+    plain_params = optax.apply_updates(plain_params, updates)
+    chex.assert_trees_all_close(guarded_params, plain_params, rtol=1e-6, atol=1e-7)
+  assert int(guarded_state.total_notfinite) == 1 and int(guarded_state.notfinite_count) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +594,7 @@ def test_sharded_update_matches_and_gathers_no_kernel():
   shardings = {"layer": {"lora_a": NamedSharding(mesh, P("model", None)),
                          "lora_b": NamedSharding(mesh, P(None, "model"))}}
   for mode in ("efficient", "full"):
-    optimizer = lora_pro(1e-2, 2.0, mode=mode, weight_decay=0.01)
+    optimizer = OPTIMIZERS[mode](1e-2, 2.0, weight_decay=0.01)
     state = optimizer.init(params)
     expected, _ = jax.jit(optimizer.update)(grads, state, params)
     sharded_params, sharded_grads = (jax.device_put(t, shardings) for t in (params, grads))
@@ -578,7 +682,8 @@ def test_with_injected_flax_model_and_config_scales():
   alpha_pattern, rsLoRA), and g_eq equal to the tangent projection of the true kernel gradient
   (the gradient of the frozen base kernel, which enters the model like K)."""
   import flax.linen as nn
-  from lorapro_jax.inject import combine, init_adapters, inject
+  from lorapro_jax.inject import init_adapters, inject
+  from lorapro_jax.trees import combine
   from lorapro_jax.lora import LoRAConfig
 
   class MLP(nn.Module):
@@ -616,3 +721,218 @@ def test_with_injected_flax_model_and_config_scales():
       p_b = b.T @ np.linalg.inv(b @ b.T) @ b
       g_eq = s * (np.asarray(got["lora_a"]) @ b + a @ np.asarray(got["lora_b"]))
       assert_close(g_eq, p_a @ g + g @ p_b - p_a @ g @ p_b, 1e-6, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The independent PyTorch port lora-pro-adamw 0.2.1 (PEFT layout: ΔW = s·B_pt·A_pt, A = A_ptᵀ)
+# ---------------------------------------------------------------------------------------------
+
+PORT = dict(n_in=6, n_out=5, rank=2, alpha=4.0, steps=6, lr=1e-2, b1=0.9, b2=0.99, eps=1e-8,
+            weight_decay=0.05)
+
+
+@pytest.fixture(scope="module")
+def port():
+  """The port's modules, with torch and PEFT (the ``interop`` extra)."""
+  os.environ.setdefault("USE_TF", "0")  # transformers (under PEFT) must not import TensorFlow
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  adamw = pytest.importorskip("lora_pro.adamw")
+  from lora_pro import _lorapro
+  from torch.overrides import TorchFunctionMode
+
+  class Float64(TorchFunctionMode):
+    """Runs the port's casts to float32/bfloat16 as float64. They are its precision choices, not
+    its math: the full mode's r x r inverses in float32 (``.float()``) and its second moment
+    updated with bfloat16 squares move its trajectory by 5e-4 from float64."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+      kwargs = dict(kwargs or {})
+      low = (torch.float32, torch.bfloat16, torch.float16)
+      if func is torch.Tensor.float:
+        return args[0]
+      if func is torch.Tensor.to:
+        args = tuple(torch.float64 if isinstance(x, torch.dtype) and x in low else x for x in args)
+        if kwargs.get("dtype") in low:
+          kwargs["dtype"] = torch.float64
+      return func(*args, **kwargs)
+
+  return types.SimpleNamespace(torch=torch, peft=peft, adamw=adamw, lorapro=_lorapro,
+                               Float64=Float64)
+
+
+def _peft_linear(port, seed, *, b_zero=True, rslora=False):
+  """A PEFT LoRA on one bias-free Linear in float64, and a least-squares batch."""
+  torch = port.torch
+
+  class Toy(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.linear = torch.nn.Linear(PORT["n_in"], PORT["n_out"], bias=False)
+
+    def forward(self, x):
+      return self.linear(x)
+
+  torch.manual_seed(seed)
+  config = port.peft.LoraConfig(r=PORT["rank"], lora_alpha=PORT["alpha"], target_modules=["linear"],
+                                lora_dropout=0.0, use_rslora=rslora)
+  model = port.peft.get_peft_model(Toy(), config).double()
+  layer = model.base_model.model.linear
+  if not b_zero:  # a trained adapter
+    with torch.no_grad():
+      layer.lora_B["default"].weight.normal_()
+  x = torch.randn(16, PORT["n_in"], dtype=torch.float64)
+  target = torch.randn(16, PORT["n_out"], dtype=torch.float64)
+  return model, layer, x, target
+
+
+def _port_jitter_free(port):
+  """The port's efficient adjustment with its jitter (1e-6, added to both Grams, so inside the
+  Sylvester coefficients too, where ours has none) set to 0; ours then runs with ridge 0."""
+  original = port.lorapro.lorapro_efficient_adjustment.__wrapped__
+  code = original.__code__
+  assert code.co_consts.count(1e-6) == 1
+  consts = tuple(0.0 if isinstance(c, float) and c == 1e-6 else c for c in code.co_consts)
+  function = types.FunctionType(code.replace(co_consts=consts), original.__globals__)
+  return port.torch.no_grad()(function)
+
+
+def _port_run(port, mode, *, solver="eig", b_zero=True, seed=0, monkeypatch=None):
+  """The port's A, B (in our layout) after every step, and the problem in numpy."""
+  model, layer, x, target = _peft_linear(port, seed, b_zero=b_zero)
+  a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+  problem = dict(x=x.numpy().copy(), target=target.numpy().copy(),
+                 k0=layer.base_layer.weight.detach().numpy().T.copy(),
+                 a0=a.detach().numpy().T.copy(), b0=b.detach().numpy().T.copy())
+  if monkeypatch is not None:
+    monkeypatch.setattr(port.adamw, "lorapro_efficient_adjustment", _port_jitter_free(port))
+  optimizer = port.adamw.LoRAProAdamW(
+      model, lr=PORT["lr"], weight_decay=PORT["weight_decay"], betas=(PORT["b1"], PORT["b2"]),
+      eps=PORT["eps"], lorapro_mode=mode, efficient_solver=solver)
+  history = []
+  for _ in range(PORT["steps"]):
+    optimizer.zero_grad()
+    loss = 0.5 * ((model(x) - target) ** 2).sum(-1).mean()
+    loss.backward()
+    with port.Float64():
+      optimizer.step()
+    history.append((a.detach().numpy().T.copy(), b.detach().numpy().T.copy()))
+  return problem, history
+
+
+def _our_run(optimizer, problem):
+  s = PORT["alpha"] / PORT["rank"]
+  with jax.enable_x64(True):
+    x, target, k0 = (jnp.asarray(problem[k]) for k in ("x", "target", "k0"))
+    params = {"linear": {"lora_a": jnp.asarray(problem["a0"]),
+                         "lora_b": jnp.asarray(problem["b0"])}}
+
+    def loss(params):
+      pair = params["linear"]
+      return 0.5 * jnp.mean(jnp.sum((x @ (k0 + s * pair["lora_a"] @ pair["lora_b"]) - target) ** 2,
+                                    axis=-1))
+
+    @jax.jit
+    def step(params, state):
+      updates, state = optimizer.update(jax.grad(loss)(params), state, params)
+      return optax.apply_updates(params, updates), state
+
+    state, history = optimizer.init(params), []
+    for _ in range(PORT["steps"]):
+      params, state = step(params, state)
+      history.append(tuple(np.asarray(params["linear"][k]) for k in ("lora_a", "lora_b")))
+  return history
+
+
+def _worst(history, reference):
+  return max(np.linalg.norm(got - want) / np.linalg.norm(want)
+             for pair, ref_pair in zip(history, reference) for got, want in zip(pair, ref_pair))
+
+
+def _hyper():
+  return dict(b1=PORT["b1"], b2=PORT["b2"], eps=PORT["eps"], weight_decay=PORT["weight_decay"])
+
+
+def test_port_efficient_mode_agrees_to_round_off(port, monkeypatch):
+  """With its correct ('eig') Sylvester solver and no jitter, the port's efficient mode and
+  ``lora_pro`` take the same steps to float64 round-off, from a trained adapter (B ≠ 0)."""
+  problem, theirs = _port_run(port, "efficient", b_zero=False, monkeypatch=monkeypatch)
+  ours = _our_run(lora_pro(PORT["lr"], PORT["alpha"] / PORT["rank"], ridge=0.0, **_hyper()),
+                  problem)
+  assert _worst(ours, theirs) < 1e-12
+
+
+def test_port_default_vec_solver_solves_the_transposed_equation(port, monkeypatch):
+  """The port's default ``vec`` solver builds ``I⊗SB + SAᵀ⊗I`` (column-major vec) but flattens
+  with ``reshape`` (row-major): it solves ``SA·X + X·SB = C`` instead of ``SB·X + X·SA = C``.
+  The equivalent gradient does not depend on X, but the per-factor gradients do, so its
+  efficient-mode trajectories are off (here by 4% in six steps)."""
+  torch = port.torch
+  generator = np.random.default_rng(22)
+  factor_a, factor_b = generator.normal(size=(7, 3)), generator.normal(size=(3, 5))
+  sa, sb = factor_a.T @ factor_a, factor_b @ factor_b.T  # SA = A_ptA_ptᵀ, SB = B_ptᵀB_pt
+  c = generator.normal(size=(3, 3))
+  vec = port.lorapro._solve_sylvester_vec(*(torch.from_numpy(m) for m in (sb, sa, c))).numpy()
+  eig = port.lorapro._solve_sylvester(*(torch.from_numpy(m) for m in (sb, sa, c))).numpy()
+  residual = lambda x, left, right: np.linalg.norm(left @ x + x @ right - c) / np.linalg.norm(c)
+  assert residual(eig, sb, sa) < 1e-13
+  assert residual(vec, sa, sb) < 1e-13       # the transposed equation
+  assert residual(vec, sb, sa) > 1e-2        # not the intended one
+  problem, theirs = _port_run(port, "efficient", solver="vec", b_zero=False,
+                              monkeypatch=monkeypatch)
+  ours = _our_run(lora_pro(PORT["lr"], PORT["alpha"] / PORT["rank"], ridge=0.0, **_hyper()),
+                  problem)
+  assert _worst(ours, theirs) > 1e-2
+
+
+def test_port_full_mode_agrees_to_round_off_from_b_zero(port):
+  """The port's full mode (default) and ``lora_pro_full`` take the same steps to float64
+  round-off from B = 0, the only start its first step is right for."""
+  problem, theirs = _port_run(port, "full", b_zero=True)
+  ours = _our_run(lora_pro_full(PORT["lr"], PORT["alpha"] / PORT["rank"], **_hyper()), problem)
+  assert _worst(ours, theirs) < 1e-12
+
+
+def test_port_full_mode_first_step_assumes_b_zero(port):
+  """At its first step the port's full mode takes ``grad_A = gA_l`` and drops B's projector, the
+  closed form at B = 0 only: on a trained adapter its equivalent gradient (read from its first
+  moment, m = (1 − b1)·g_eq) is not the tangent projection of G, ours is. From the second step on
+  it uses the general form and agrees with ours at its own iterate."""
+  torch = port.torch
+  model, layer, x, target = _peft_linear(port, 23, b_zero=False)
+  a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+  k0 = layer.base_layer.weight.detach().numpy().T
+  s = PORT["alpha"] / PORT["rank"]
+  optimizer = port.adamw.LoRAProAdamW(model, lr=PORT["lr"], betas=(PORT["b1"], PORT["b2"]),
+                                      eps=PORT["eps"], weight_decay=0.0, lorapro_mode="full")
+  previous_m = None
+  for step in range(2):
+    optimizer.zero_grad()
+    (0.5 * ((model(x) - target) ** 2).sum(-1).mean()).backward()
+    factor_a, factor_b = a.detach().numpy().T.copy(), b.detach().numpy().T.copy()
+    grad_a, grad_b = a.grad.numpy().T.copy(), b.grad.numpy().T.copy()
+    with port.Float64():
+      optimizer.step()
+    m = optimizer._state_m[0].numpy().T.copy()
+    theirs = (m if previous_m is None else m - PORT["b1"] * previous_m) / (1 - PORT["b1"])
+    previous_m = m
+    with jax.enable_x64(True):
+      ours = np.asarray(equivalent_gradient(factor_a, factor_b, grad_a, grad_b, s))
+    kernel = k0 + s * factor_a @ factor_b
+    g = x.numpy().T @ (x.numpy() @ kernel - target.numpy()) / x.shape[0]
+    p_a = factor_a @ np.linalg.pinv(factor_a)
+    p_b = np.linalg.pinv(factor_b) @ factor_b
+    projection = p_a @ g + g @ p_b - p_a @ g @ p_b
+    assert_close(ours, projection, 1e-7, f"ours, step {step + 1}")
+    error = np.linalg.norm(theirs - projection) / np.linalg.norm(projection)
+    assert (error > 0.1) if step == 0 else (error < 1e-7), (step, error)
+
+
+def test_port_ignores_rslora_scaling(port):
+  """The port reads ``lora_alpha`` and ``r`` and uses alpha / r whatever PEFT's ``use_rslora``:
+  with rsLoRA its scale is off by sqrt(r) (ours takes ``LoRAConfig.scales``: alpha / sqrt(r))."""
+  model, layer, _, _ = _peft_linear(port, 24, rslora=True)
+  optimizer = port.adamw.LoRAProAdamW(model, lr=1e-3, lorapro_mode="full")
+  rank, alpha = PORT["rank"], PORT["alpha"]
+  assert layer.scaling["default"] == pytest.approx(alpha / np.sqrt(rank))
+  assert optimizer._pairs[0].s == pytest.approx(alpha / rank)

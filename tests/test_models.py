@@ -9,7 +9,8 @@ import pytest
 import transformers
 
 from lorapro_jax.adapters import adapter_paths, get_path
-from lorapro_jax.inject import combine, init_adapters, inject, merge
+from lorapro_jax.inject import init_adapters, inject
+from lorapro_jax.trees import combine, merge
 from lorapro_jax.models import fix_t5_clip, hf_example_inputs, preset
 
 fix_t5_clip()  # HF's Flax T5 cannot even be built on jax >= 0.10 without it

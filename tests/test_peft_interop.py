@@ -28,7 +28,8 @@ from transformers.modeling_flax_pytorch_utils import (  # noqa: E402
 from lorapro_jax.adapters import adapter_paths, map_adapters  # noqa: E402
 from lorapro_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError  # noqa: E402
 from lorapro_jax.dynamic_rank import shrink  # noqa: E402
-from lorapro_jax.inject import combine, init_adapters, inject  # noqa: E402
+from lorapro_jax.inject import init_adapters, inject  # noqa: E402
+from lorapro_jax.trees import combine  # noqa: E402
 from lorapro_jax.lora import LoRAConfig  # noqa: E402
 from lorapro_jax.models import hf_example_inputs, preset  # noqa: E402
 from lorapro_jax.peft_format import (_alpha_for_scale, export_merged, export_peft,  # noqa: E402
@@ -306,8 +307,8 @@ def _tiny_adapter(tmp_path):
 def test_import_errors_are_clear_and_load_nothing(tmp_path):
   tree = _tiny_adapter(tmp_path)
   wrong = {"dense": {"lora_a": np.ones((6, 3)), "lora_b": np.ones((3, 3))}}
-  with pytest.raises(CheckpointMismatchError, match=r"dense/lora_a: adapter \(6, 2\) vs expected "
-                                                    r"\(6, 3\)"):
+  with pytest.raises(CheckpointMismatchError, match=r"dense\.lora_a: adapter \(6, 2\) vs like= "
+                                                    r"tree \(6, 3\)"):
     import_peft(tmp_path, family="bert", like=wrong)
   assert import_peft(tmp_path, family="bert", like=tree)[1].rank == 2
   with pytest.raises(FileExistsError, match=r"pass overwrite=True"):
@@ -347,10 +348,10 @@ def test_export_errors_name_the_problem(tmp_path):
 
 
 def test_scanned_llama_exports_one_module_per_layer(tmp_path):
-  """lorapro_jax.models.llama scans its layers (adapters stacked on a layer axis): the export
+  """lorapro_jax.models.decoder scans its layers (adapters stacked on a layer axis): the export
   unstacks them into PEFT's model.layers.{i} modules, also after a per-layer rank shrink."""
   from lorapro_jax.dynamic_rank import rank_pattern
-  from lorapro_jax.models.llama import LlamaConfig, LlamaForCausalLM
+  from lorapro_jax.models.decoder import DecoderConfig, DecoderForCausalLM
   hf = Family("llama", str(tmp_path / "base"))
   params = jax.tree.map(np.asarray, hf.flax.params)
   layers = [params["model"]["layers"][str(i)] for i in range(hf.config.num_hidden_layers)]
@@ -358,7 +359,7 @@ def test_scanned_llama_exports_one_module_per_layer(tmp_path):
                     "norm": params["model"]["norm"],
                     "layers": jax.tree.map(lambda *xs: np.stack(xs), *layers)},
           "lm_head": params["lm_head"]}
-  scanned = LlamaForCausalLM(LlamaConfig(
+  scanned = DecoderForCausalLM(DecoderConfig(
       vocab_size=40, hidden_size=12, intermediate_size=20, num_layers=2, num_heads=2,
       num_kv_heads=1, rms_norm_eps=hf.config.rms_norm_eps, dtype=jnp.float32))
   ids = hf.args[0]

@@ -11,7 +11,7 @@ from lorapro_jax.inject import init_adapters, inject
 from lorapro_jax.lora import LoRAConfig
 from lorapro_jax.lora_pro import LoRAProFullState
 from lorapro_jax.sharding import (FSDP, batch_sharding, fsdp_spec, initialize_distributed,
-                                  make_mesh, shard_batch, state_shardings)
+                                  make_mesh, param_shardings, shard_batch, state_shardings)
 from lorapro_jax.train import TrainState, make_optimizer, make_train_step
 
 MIN_SHARD = 64  # small enough that the toy kernels are split
@@ -52,21 +52,22 @@ def problem():
 
 def _run(problem, mesh=None):
   model, base, trainable, optimizer, batches = problem
-  state = TrainState.create(base, trainable, optimizer, jax.random.key(0))
+  state = TrainState.create(trainable, optimizer, jax.random.key(0))
   if mesh is None:
     step = make_train_step(_loss(model), optimizer)
-    return [float(step_out[1]["loss"]) for step_out in _steps(step, state, batches)], state
-  shardings = state_shardings(state, mesh, min_shard_size=MIN_SHARD)
-  state = jax.device_put(state, shardings)
+    return [float(step_out[1]["loss"]) for step_out in _steps(step, state, base, batches)], state
+  shardings = state_shardings(state, base, mesh, min_shard_size=MIN_SHARD)
+  base_shardings = param_shardings(base, mesh, MIN_SHARD)
+  state, base = jax.device_put(state, shardings), jax.device_put(base, base_shardings)
   step = make_train_step(_loss(model), optimizer, state_sharding=shardings,
-                         batch_sharding=batch_sharding(mesh))
-  outs = list(_steps(step, state, [shard_batch(b, mesh) for b in batches]))
+                         base_sharding=base_shardings, batch_sharding=batch_sharding(mesh))
+  outs = list(_steps(step, state, base, [shard_batch(b, mesh) for b in batches]))
   return [float(o[1]["loss"]) for o in outs], outs[-1][0]
 
 
-def _steps(step, state, batches):
+def _steps(step, state, base, batches):
   for batch in batches:
-    state, metrics = step(state, batch)
+    state, metrics = step(state, base, batch)
     yield state, metrics
 
 
@@ -90,14 +91,15 @@ def test_sharded_lora_pro_full_matches_one_device(problem):
 def test_adapters_follow_their_base_kernel(problem):
   model, base, trainable, optimizer, _ = problem
   mesh = make_mesh(data=2, fsdp=4)
-  shardings = state_shardings(TrainState.create(base, trainable, optimizer, jax.random.key(0)),
+  shardings = state_shardings(TrainState.create(trainable, optimizer, jax.random.key(0)), base,
                               mesh, min_shard_size=MIN_SHARD)
+  base_shardings = param_shardings(base, mesh, MIN_SHARD)
   # up: kernel (8, 32) split on its output axis -> lora_b (4, 32) split on n_out
-  assert shardings.base["up"]["kernel"].spec == P(None, FSDP)
+  assert base_shardings["up"]["kernel"].spec == P(None, FSDP)
   assert shardings.trainable["up"]["lora_b"].spec == P(None, FSDP)
   assert shardings.trainable["up"]["lora_a"].spec == P()
   # mid: kernel (32, 16) split on its input axis -> lora_a (32, 4) split on n_in
-  assert shardings.base["mid"]["kernel"].spec == P(FSDP, None)
+  assert base_shardings["mid"]["kernel"].spec == P(FSDP, None)
   assert shardings.trainable["mid"]["lora_a"].spec == P(FSDP, None)
   assert shardings.trainable["mid"]["lora_b"].spec == P()
   assert shardings.step.spec == P()

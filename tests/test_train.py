@@ -1,10 +1,12 @@
 """Train loop: metrics against closed forms / scipy, schedules, accumulation == big batch, mixed
-precision keeps float32 state, the frozen base gets no update, fit() logs, selects and writes."""
+precision keeps float32 state, the frozen base is passed apart (no update, never donated), fit()
+logs, evaluates, saves to the checkpointer and reports the best the checkpointer keeps."""
 import json
 import math
 import os
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +16,15 @@ import scipy.stats
 from hypothesis import given, settings, strategies as st
 
 from lorapro_jax import metrics
+from lorapro_jax.checkpoint import TrainCheckpointer
 from lorapro_jax.data.batching import BatchIterator, eval_batches
+from lorapro_jax.dynamic_rank import DynamicRankConfig, dem_penalty, dem_regularizer, dynamic_rank
+from lorapro_jax.inject import init_adapters, inject
+from lorapro_jax.lora import LoRAConfig
 from lorapro_jax.schedules import make_schedule
 from lorapro_jax.train import (TrainState, cast_floating, evaluate, fit, make_eval_step,
                                make_train_step)
+from lorapro_jax.trees import combine, merge, named_leaves
 
 # ---------------------------------------------------------------------------------------- metrics
 
@@ -117,10 +124,10 @@ class AccumulationTest(chex.TestCase):
     optimizer = optax.adamw(1e-2, weight_decay=0.01)
     results = []
     for accum in (1, 4):
-      state = TrainState.create(None, params, optimizer, jax.random.key(0))
+      state = TrainState.create(params, optimizer, jax.random.key(0))
       step = self.variant(make_train_step(_linear_loss, optimizer, accum_steps=accum, jit=False))
       for _ in range(3):
-        state, out = step(state, batch)
+        state, out = step(state, None, batch)
       results.append((state.trainable, out["loss"]))
     chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
@@ -129,9 +136,9 @@ def test_accumulation_rejects_uneven_micro_batches():
   data, params = _problem()
   optimizer = optax.sgd(0.1)
   step = make_train_step(_linear_loss, optimizer, accum_steps=3)
-  state = TrainState.create(None, params, optimizer, jax.random.key(0))
+  state = TrainState.create(params, optimizer, jax.random.key(0))
   with pytest.raises(ValueError, match="3 equal micro-batches"):
-    step(state, {k: v[:16] for k, v in data.items()})
+    step(state, None, {k: v[:16] for k, v in data.items()})
 
 
 def test_mixed_precision_keeps_float32_state_and_tracks_float32_run():
@@ -140,10 +147,10 @@ def test_mixed_precision_keeps_float32_state_and_tracks_float32_run():
   optimizer = optax.adam(1e-2)
   losses = {}
   for dtype in (None, jnp.bfloat16):
-    state = TrainState.create(None, params, optimizer, jax.random.key(0))
+    state = TrainState.create(params, optimizer, jax.random.key(0))
     step = make_train_step(_linear_loss, optimizer, compute_dtype=dtype, donate=False)
     for _ in range(5):
-      state, out = step(state, batch)
+      state, out = step(state, None, batch)
     losses[dtype] = float(out["loss"])
     for leaf in jax.tree.leaves((state.trainable, state.opt_state)):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -153,68 +160,83 @@ def test_mixed_precision_keeps_float32_state_and_tracks_float32_run():
                        jnp.bfloat16)["i"].dtype == jnp.int32
 
 
-def test_fit_logs_selects_best_and_writes_results(tmp_path):
+def _predict(p, batch):
+  return {"predictions": jnp.argmax(batch["x"] @ p["w"] + p["b"], -1)}
+
+
+def test_fit_evaluates_saves_and_asks_the_checkpointer_for_the_best(tmp_path):
   data, params = _problem(n=96)
   train = {k: v[:64] for k, v in data.items()}
   dev = {k: v[64:] for k, v in data.items()}
   schedule = make_schedule("cosine", 0.5, 20, warmup_ratio=0.1)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(schedule))
-  state = TrainState.create(None, params, optimizer, jax.random.key(0))
+  state = TrainState.create(params, optimizer, jax.random.key(0))
   train_step = make_train_step(_linear_loss, optimizer)
-
-  def predict(p, batch):
-    logits = batch["x"] @ p["w"] + p["b"]
-    return {"predictions": jnp.argmax(logits, -1)}
-
-  eval_step = make_eval_step(predict)
-  evaluate_fn = lambda s: evaluate(eval_step, s, eval_batches(dev, 10), ["accuracy", "mcc"])
-  saved = []
-  state, results = fit(state, train_step, BatchIterator(train, 16, seed=0), 20,
-                       evaluate_fn=evaluate_fn, eval_every=5, best_metric="accuracy",
+  eval_step = make_eval_step(_predict)
+  evaluate_fn = lambda s: evaluate(eval_step, s, None, eval_batches(dev, 10), ["accuracy", "mcc"])
+  batches = BatchIterator(train, 16, seed=0)
+  checkpoints = TrainCheckpointer(tmp_path / "ckpt", None, keep=1, best_metric="accuracy")
+  state, results = fit(state, None, train_step, batches, 20, evaluate_fn=evaluate_fn,
+                       eval_every=5, checkpointer=checkpoints, data_position=batches.state,
                        schedule=schedule, log_every=5, log_dir=str(tmp_path / "tb"),
-                       on_best=lambda s, m: saved.append(m["step"]),
                        results_path=str(tmp_path / "results.json"), progress=False)
   assert int(state.step) == 20
   written = json.load(open(tmp_path / "results.json"))
   assert [e["step"] for e in written["evaluations"]] == [5, 10, 15, 20]
-  best = max(written["evaluations"], key=lambda e: e["accuracy"])
-  assert written["best"]["accuracy"] == best["accuracy"] and saved[-1] == best["step"]
+  best = max(written["evaluations"], key=lambda e: e["accuracy"])  # the first of equal ones
+  assert written["best"] == best and checkpoints.best_step() == best["step"]
   assert [h["step"] for h in written["history"]] == list(range(1, 21))
   assert written["history"][4]["lr"] == pytest.approx(float(schedule(4)))
   assert written["history"][-1]["loss"] < written["history"][0]["loss"]
-  # the best trainable tree kept in memory scores the best accuracy again
-  best_state = state.replace(trainable=jax.tree.map(jnp.asarray, results["best_trainable"]))
-  assert evaluate_fn(best_state)["accuracy"] == best["accuracy"]
+  # the best step (kept beside the newest) scores the best accuracy again, and knows where the
+  # data stream stood
+  restored = checkpoints.restore(state, step=best["step"])
+  assert evaluate_fn(restored.state)["accuracy"] == best["accuracy"]
+  reference, resumed = BatchIterator(train, 16, seed=0), BatchIterator(train, 16, seed=0)
+  for _ in range(best["step"]):
+    next(reference)
+  resumed.restore(restored.data_position)
+  np.testing.assert_array_equal(next(resumed)["x"], next(reference)["x"])
+  assert checkpoints.all_steps() == sorted({best["step"], 20})
   assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
+  # resuming a finished run evaluates again but saves nothing twice
+  state, again = fit(state, None, train_step, batches, 20, evaluate_fn=evaluate_fn,
+                     checkpointer=checkpoints, progress=False)
+  assert again["final"]["accuracy"] == written["final"]["accuracy"] and again["best"] == best
+  checkpoints.close()
 
 
 # ------------------------------------------------------------------- adapters on a frozen base
 
 
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="out")(nn.tanh(nn.Dense(8, name="hidden")(x)))
+
+
+def _nll(model, params, batch):
+  logits = model.apply({"params": params}, batch["x"])
+  log_probs = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(log_probs, batch["labels"][:, None], 1)), logits
+
+
 def test_lora_step_updates_adapters_only_and_matches_a_hand_written_step():
-  import flax.linen as nn
-  from lorapro_jax.dynamic_rank import dem_penalty
-  from lorapro_jax.inject import combine, init_adapters, inject
-  from lorapro_jax.lora import LoRAConfig
-  from lorapro_jax.train import dem_regularizer, make_optimizer
-
-  class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(3, name="out")(nn.tanh(nn.Dense(8, name="hidden")(x)))
-
   data, _ = _problem(d=6, k=3)
   batch = {k: v[:16] for k, v in data.items()}
   base = Net().init(jax.random.key(0), batch["x"])["params"]
-  config = LoRAConfig(rank=2, alpha=4.0, targets=("hidden", "out"), gated=True)
+  pruning = DynamicRankConfig(total_steps=10, target_rank=1, dem_weight=0.3)
+  config = pruning.lora_config(LoRAConfig(rank=1, alpha=4.0, targets=("hidden", "out")))
   model = inject(Net(), config)
   trainable = init_adapters(model, base, jax.random.key(1), batch["x"])
-  loss_fn = lambda params, b, rng: _linear_like(model, params, b)
-  optimizer = make_optimizer("dynamic_rank", 1e-2, total_steps=10, target_rank=1, clip_norm=0.5)
-  regularizer = dem_regularizer(0.3, total_steps=10)
-  state = TrainState.create(base, trainable, optimizer, jax.random.key(2))
+  loss_fn = lambda params, b, rng: _nll(model, params, b)
+  optimizer = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2),
+                          dynamic_rank(pruning))
+  state = TrainState.create(trainable, optimizer, jax.random.key(2))
   base_before = jax.tree.map(np.asarray, base)
-  new_state, out = make_train_step(loss_fn, optimizer, regularizer=regularizer)(state, batch)
+  old_trainable = state.trainable
+  new_state, out = make_train_step(loss_fn, optimizer, regularizer=dem_regularizer(pruning))(
+      state, base, batch)
 
   def objective(t):  # the step's objective, written out by hand
     return loss_fn(combine(base, t), batch, None)[0] + 0.3 * dem_penalty(t)
@@ -223,23 +245,26 @@ def test_lora_step_updates_adapters_only_and_matches_a_hand_written_step():
   updates, _ = optimizer.update(grads, optimizer.init(trainable), trainable)
   chex.assert_trees_all_close(new_state.trainable, optax.apply_updates(trainable, updates),
                               rtol=1e-6, atol=1e-7)
-  chex.assert_trees_all_equal(jax.tree.map(np.asarray, new_state.base), base_before)
-  names = {path[-1].key for path, _ in jax.tree_util.tree_flatten_with_path(new_state.trainable)[0]}
+  names = {path[-1] for path, _ in named_leaves(new_state.trainable)}
   assert names == {"lora_a", "lora_b", "lora_c"}
   assert float(out["loss"]) == pytest.approx(float(loss_fn(combine(base, trainable), batch, None)[0]))
+  # the state was donated to the step, the frozen base was not: it is intact and reusable
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old_trainable))
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(base))
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, base), base_before)
+  assert set(TrainState.__dataclass_fields__) == {"step", "trainable", "opt_state", "rng"}
 
 
-def _linear_like(model, params, batch):
-  logits = model.apply({"params": params}, batch["x"])
-  log_probs = jax.nn.log_softmax(logits)
-  return -jnp.mean(jnp.take_along_axis(log_probs, batch["labels"][:, None], 1)), logits
-
-
-def test_make_optimizer_rejects_bad_methods_and_missing_arguments():
-  from lorapro_jax.train import make_optimizer
-  with pytest.raises(ValueError, match="unknown method 'qlora'"):
-    make_optimizer("qlora", 1e-3)
-  with pytest.raises(ValueError, match="needs the LoRA scale"):
-    make_optimizer("lora_pro", 1e-3)
-  with pytest.raises(ValueError, match="needs total_steps and target_rank"):
-    make_optimizer("dynamic_rank", 1e-3)
+def test_eval_step_sees_base_and_adapters():
+  data, _ = _problem(d=6, k=3)
+  x = data["x"][:8]
+  base = Net().init(jax.random.key(0), x)["params"]
+  model = inject(Net(), LoRAConfig(rank=2, alpha=2.0, targets=("hidden",), init="gaussian"))
+  trainable = init_adapters(model, base, jax.random.key(1), x)
+  trainable = jax.tree.map(lambda t: t + 0.5, trainable)  # B != 0: the adapters change outputs
+  state = TrainState.create(trainable, optax.sgd(0.1), jax.random.key(2))
+  eval_step = make_eval_step(lambda p, b: {"logits": model.apply({"params": p}, b["x"])})
+  want = Net().apply({"params": merge(combine(base, trainable), LoRAConfig(
+      rank=2, alpha=2.0, targets=("hidden",)))}, x)
+  np.testing.assert_allclose(eval_step(state, base, {"x": x})["logits"], want, rtol=1e-5,
+                             atol=1e-6)

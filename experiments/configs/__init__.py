@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorapro_jax.methods import METHODS
+
 FAMILIES = ("t5", "roberta", "llama", "vit")
 
 
@@ -21,10 +23,9 @@ class ExperimentConfig:
   family: str                      # "t5" (text-to-text), "roberta" (classification), "llama", "vit"
   model: str                       # Hugging Face model id (pretrained weights) or a preset name
   task: str                        # GLUE task, "gsm8k" or a tfds image dataset
-  methods: tuple[str, ...]
   metrics: tuple[str, ...]
-  rank: int = 8                    # LoRA rank; the *target* rank for dynamic rank
-  initial_rank: int | None = None  # dynamic rank's starting rank (None: ceil(1.5 * rank))
+  methods: tuple[str, ...] = tuple(METHODS)  # names in lorapro_jax.methods.METHODS
+  rank: int = 8                    # LoRA rank; the *target* rank for dynamic rank (from ceil(1.5 r))
   alpha: float = 16.0
   targets: tuple[str, ...] | None = None  # None: the model preset's targets
   learning_rate: float = 1e-4
@@ -56,6 +57,9 @@ class ExperimentConfig:
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ValueError(f"family {self.family!r} of {self.name}: expected one of {FAMILIES}")
+    unknown = [method for method in self.methods if method not in METHODS]
+    if unknown:
+      raise ValueError(f"methods {unknown} of {self.name}: expected names of {list(METHODS)}")
 
   def replace(self, **changes) -> ExperimentConfig:
     return dataclasses.replace(self, **changes)

@@ -7,13 +7,10 @@ test rows ``{"question", "answer"}``) — nothing is downloaded.
 """
 from experiments.configs import ExperimentConfig
 
-METHODS = ("full", "lora", "rslora", "lora_pro", "lora_pro_full", "dynamic_rank",
-           "lora_pro_dynamic_rank")
-
 CONFIGS = [
     ExperimentConfig(
         name="llama2_metamath/gsm8k", family="llama", model="meta-llama/Llama-2-7b-hf",
-        task="gsm8k", methods=METHODS, metrics=("exact_match",), rank=8, alpha=16.0,
+        task="gsm8k", metrics=("exact_match",), rank=8, alpha=16.0,
         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         learning_rate=2e-5, batch_size=32, epochs=1.0, max_length=1024, target_length=256,
         schedule="cosine", warmup_ratio=0.03, compute_dtype="bfloat16", seeds=(0, 1, 2),

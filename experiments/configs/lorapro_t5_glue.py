@@ -8,15 +8,13 @@ The paper's numbers are not entered: ``PAPER`` maps method -> task -> the paper'
 """
 from experiments.configs import ExperimentConfig
 
-METHODS = ("full", "lora", "rslora", "lora_pro", "lora_pro_full", "dynamic_rank",
-           "lora_pro_dynamic_rank")
 PAPER: dict[str, dict[str, float]] = {}  # method -> task -> Table 1 value (to be entered)
 METRIC = {"mnli": "accuracy", "sst2": "accuracy", "cola": "accuracy", "qnli": "accuracy",
           "mrpc": "accuracy"}
 
 CONFIGS = [
     ExperimentConfig(
-        name=f"lorapro_t5_glue/{task}", family="t5", model="t5-base", task=task, methods=METHODS,
+        name=f"lorapro_t5_glue/{task}", family="t5", model="t5-base", task=task,
         metrics=(METRIC[task],), rank=8, alpha=16.0, learning_rate=1e-4, batch_size=32, epochs=1.0,
         max_length=128, schedule="cosine", warmup_ratio=0.03, seeds=(0, 1, 2),
         num_labels=3 if task == "mnli" else 2,

@@ -5,14 +5,12 @@ query/value and the MLP, classification head trained in every method; the paper'
 """
 from experiments.configs import ExperimentConfig
 
-METHODS = ("full", "lora", "rslora", "lora_pro", "lora_pro_full", "dynamic_rank",
-           "lora_pro_dynamic_rank")
 DATASETS = {"cifar10": 10, "cifar100": 100, "stanford_dogs": 120, "oxford_iiit_pet": 37}
 
 CONFIGS = [
     ExperimentConfig(
         name=f"vit_images/{name}", family="vit", model="google/vit-base-patch16-224-in21k",
-        task=name, methods=METHODS, metrics=("accuracy",), rank=8, alpha=16.0,
+        task=name, metrics=("accuracy",), rank=8, alpha=16.0,
         learning_rate=1e-4, batch_size=128, epochs=5.0, schedule="cosine", warmup_ratio=0.03,
         seeds=(0, 1, 2), num_labels=classes, image_size=224, dev_split="test",
         paper={}, paper_source="LoRA-Pro (arXiv 2407.18242) Section 3.3 (CLIP-ViT-B/16): not "
