@@ -139,10 +139,10 @@ def main(argv=None):
     with open(os.path.join(args.out, "lora_pro_update.json"), "w") as f:
       json.dump(rows, f, indent=1)
   base = {r["layout"]: r["ms"] for r in rows if r["variant"] == "adamw"}
-  print(f"{'layout':8} {'variant':18} {'ms':>9} {'x adamw':>8} {'state GiB':>9}")
+  print(f"{'layout':8} {'variant':22} {'ms':>9} {'x adamw':>8} {'state GiB':>9}")
   for r in rows:
     ratio = r["ms"] / base[r["layout"]] if r["layout"] in base else float("nan")
-    print(f"{r['layout']:8} {r['variant']:18} {r['ms']:9.3f} {ratio:8.2f} {r['state_gib']:9.3f}")
+    print(f"{r['layout']:8} {r['variant']:22} {r['ms']:9.3f} {ratio:8.2f} {r['state_gib']:9.3f}")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ def build(name: str, tiny: bool, batch: int, length: int, total_steps: int):
                intermediate_size=64) if tiny else {}
   config = RobertaConfig(num_labels=2, max_position_embeddings=length + 4, **sizes)
   hf = FlaxRobertaForSequenceClassification(config, seed=0)
-  # an event every step: the timed steps prune
-  dynamic = (DynamicRankConfig(total_steps=total_steps, target_rank=RANK, interval=1)
-             if method.prunes else None)
+  # pruning from the first step, an event every step: the timed steps prune
+  dynamic = (DynamicRankConfig(total_steps=total_steps, target_rank=RANK, warmup_frac=0.0,
+                               interval=1) if method.prunes else None)
   lora = method.lora_config(preset("roberta", rank=RANK, alpha=2.0 * RANK,
                                    modules_to_save=("classifier",)), dynamic)
   args, _ = hf_example_inputs(config, batch=batch, seq_len=length)

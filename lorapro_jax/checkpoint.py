@@ -1,34 +1,25 @@
 """Train-state checkpoints with Orbax: exact resume, keep-N and best-by-metric, one writer.
 
 :class:`TrainCheckpointer` is a thin layer over ``orbax.checkpoint.CheckpointManager``, whose own
-machinery does the step bookkeeping: atomic steps (a step is written into a temporary directory
-and renamed when complete, so a crash mid-write leaves no step), the newest ``keep`` steps plus
-the ``keep_best`` best by a metric (``LatestN`` ∪ ``BestN`` preservation policies),
-``save_interval_steps``, asynchronous writes, restores straight into any sharding. One step holds
+machinery keeps the steps: atomic writes (a step is written to a temporary directory and renamed
+when complete), the newest ``keep`` plus the ``keep_best`` best steps (``LatestN`` ∪ ``BestN``),
+``save_interval_steps``, asynchronous saves, restores into any sharding. A step holds ``state``
+(the :class:`lorapro_jax.train.TrainState` pytree, typed rng key included; the frozen base is not
+in it) and ``meta`` (JSON: LoRA config, data-iterator position, metrics, format version).
 
-* ``state``: the train-state pytree (:class:`lorapro_jax.train.TrainState`: step, trainable tree,
-  optimizer state with LoRA-Pro moments and dynamic-rank scores and masks, typed rng key), saved
-  shard by shard with Orbax's ``StandardSave``. The frozen base is not part of it.
-* ``meta``: JSON: the LoRA configuration (``LoRAConfig.to_dict()``), the data-iterator position
-  (any small JSON value), the step's metrics, a format version.
+What this module adds:
 
-What this module adds to Orbax:
+* **Nothing loads on a mismatch**: the stored LoRA config and every stored leaf's path, shape and
+  dtype are compared with the running ones before any array is read
+  (:class:`CheckpointMismatchError`); unreadable steps raise :class:`CheckpointCorruptError`.
+* **One writer per directory**: the first :meth:`~TrainCheckpointer.save` takes an exclusive
+  ``flock`` on ``<directory>/writer.lock`` until :meth:`~TrainCheckpointer.close`; another writer,
+  in this process or another, gets :class:`CheckpointLockedError` and writes nothing. The lock
+  dies with its process, so a crashed run's directory is taken over by resuming in it.
+* **No save dropped silently**: a step that is not newer than every step on disk raises.
 
-* **Nothing loads on a mismatch.** Before any array is read, the stored LoRA configuration is
-  compared with the running one and every stored leaf's path, shape and dtype with the target's;
-  a difference raises :class:`CheckpointMismatchError` naming each differing field or leaf.
-  Unreadable steps raise :class:`CheckpointCorruptError`. Restoring never writes.
-* **One writer per directory.** The first :meth:`TrainCheckpointer.save` takes an exclusive
-  ``flock`` on ``<directory>/writer.lock`` (holding the writer's pid and host) until
-  :meth:`~TrainCheckpointer.close`; a second writer, in this process or another, gets
-  :class:`CheckpointLockedError` and writes nothing. The operating system releases the lock when
-  its holder dies, so a crashed run's directory is taken over by simply resuming in it.
-* **No save is dropped silently.** Saving a step that is not newer than every step on disk (an
-  existing step, or a run started again in an old directory) raises; the check reads the
-  directory when the lock is taken, so steps that another process wrote count too.
-
-Only Orbax (tensorstore) and JSON files are read; nothing is unpickled. Files get the process's
-umask permissions.
+Only Orbax (tensorstore) and JSON files are read, nothing is unpickled; files get the umask's
+permissions.
 
 >>> import tempfile, jax, jax.numpy as jnp, optax
 >>> from lorapro_jax.train import TrainState

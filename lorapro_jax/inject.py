@@ -48,6 +48,7 @@ from lorapro_jax.lora import (ALL_LINEAR, KernelLayout, LoRAConfig, LoRADense, L
                               LoRAEinsum, add_adapter, dense_general_layout, dense_layout,
                               einsum_layout, path_matches)
 from lorapro_jax.trees import split
+
 _LORA_LAYERS = (LoRADense, LoRADenseGeneral, LoRAEinsum)
 
 
@@ -77,13 +78,19 @@ def _module_path(module: nn.Module) -> Path:
 
 
 def _adapt(config: LoRAConfig, seen: list, next_fun, args, kwargs, context):
-  """The interceptor: adds an adapter to each targeted linear layer, records every layer seen."""
+  """The interceptor: adds an adapter to each targeted linear layer, records every layer seen.
+
+  A linear layer without a parent module is the root of its own ``apply`` inside the model, on
+  params the model passes it (a tied output head: HF's ``lm_head.apply({"params": {"kernel":
+  embedding.T}}, x)`` in GPT-2 and T5). Its params are not in the model's tree, so it can hold no
+  adapter: it is neither adapted nor listed.
+  """
   if context.method_name != "__call__":
     return next_fun(*args, **kwargs)
-  layout = _layout(context.module, args, kwargs)
-  if layout is None:
-    return next_fun(*args, **kwargs)
   module = context.module
+  layout = _layout(module, args, kwargs)
+  if layout is None or not isinstance(module.parent, nn.Module):
+    return next_fun(*args, **kwargs)
   path = _module_path(module)
   adapted = config.is_target(path)
   seen.append((path, adapted))
@@ -118,6 +125,19 @@ def check_matches(config: LoRAConfig, seen: list[tuple[Path, bool]]) -> None:
   if not adapted:
     raise ValueError(f"LoRAConfig.targets {config.targets} adapt no layer; linear layer paths:"
                      f"\n  {available}")
+
+
+class _Parent(nn.Module):
+  """Runs ``module`` as its child in one shared scope: the same params and paths as ``module``
+  alone, and every layer of the model has a parent module (see :func:`_adapt`)."""
+
+  module: nn.Module
+
+  def setup(self):
+    nn.share_scope(self, self.module)
+
+  def __call__(self, *args, **kwargs):
+    return self.module(*args, **kwargs)
 
 
 class LoRAModel(nn.Module):
@@ -160,13 +180,14 @@ def inject(module: nn.Module, config: LoRAConfig) -> LoRAModel:
 
 
 def linear_layer_paths(module: nn.Module, *args, **kwargs) -> list[Path]:
-  """Paths of the linear layers ``module`` runs on these example inputs (shapes only, no FLOPs)."""
+  """Paths of the linear layers ``module`` runs on these example inputs (shapes only, no FLOPs);
+  layers applied on params that are not the model's own (tied output heads) are not listed."""
   seen: list = []
   no_adapters = LoRAConfig(targets="re:(?!)")  # a regex that never matches: record only
 
   def init():
     with nn.intercept_methods(functools.partial(_adapt, no_adapters, seen)):
-      return module.init(jax.random.key(0), *args, **kwargs)
+      return _Parent(module).init(jax.random.key(0), *args, **kwargs)
 
   jax.eval_shape(init)
   return list(dict.fromkeys(path for path, _ in seen))

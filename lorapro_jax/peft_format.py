@@ -73,7 +73,7 @@ from lorapro_jax.adapters import (DEFAULT_KEYS, Path, adapter_paths, check_pair,
 from lorapro_jax.checkpoint import CheckpointCorruptError, CheckpointMismatchError
 from lorapro_jax.lora import ALL_LINEAR, REGEX_PREFIX, LoRAConfig, path_matches
 from lorapro_jax.models.families import Family, get_family
-from lorapro_jax.trees import layout_differences, named_leaves
+from lorapro_jax.trees import layout_differences, merge, named_leaves
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -237,7 +237,7 @@ def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike,
       listed in ``exclude_modules``, so PEFT leaves it as it is.
     overwrite: replace existing files (default: refuse).
   """
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
   record = get_family(family)
   _check_prefix(prefix)
   directory = os.fspath(directory)
@@ -295,7 +295,9 @@ def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike,
   }
   _check_patterns_resolve(modules, peft_config)
   os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+  # safetensors' save_file creates files 0600; Python's open gives the umask's mode (0644)
+  with open(os.path.join(directory, ADAPTER_WEIGHTS), "wb") as handle:
+    handle.write(save(tensors, metadata={"format": "pt"}))
   with open(os.path.join(directory, ADAPTER_CONFIG), "w", encoding="utf-8") as handle:
     json.dump(peft_config, handle, indent=2, sort_keys=True)
   return peft_config
@@ -375,8 +377,52 @@ def _flax_param(module_path: Path, name: str, value: np.ndarray, existing: set[s
   return (family.norm_weight if family else "weight"), value
 
 
+def _peft_targets(targets: Any, name: str) -> bool:
+  """PEFT's rule (``check_target_module_exists``): one string is a regex over the whole module
+  name, a list holds names or suffixes at a component boundary."""
+  if isinstance(targets, str):
+    return re.fullmatch(targets, name) is not None
+  return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_config_agrees(peft_config: Mapping[str, Any], modules: Sequence[str],
+                         family: Family | None, prefix: str, where: str) -> None:
+  """Raises unless ``target_modules`` / ``exclude_modules`` select exactly the modules with
+  tensors, ``fan_in_fan_out`` is the family's, and each layer index follows the family's
+  ``stack_container``."""
+  targets = peft_config.get("target_modules")
+  excluded = peft_config.get("exclude_modules") or []
+  if targets is not None and targets != ALL_LINEAR:
+    uncovered = [m for m in modules if not _peft_targets(targets, m)]
+    uncovered += [m for m in modules if excluded and _peft_targets(excluded, m)]
+    if uncovered:
+      raise ValueError(f"{where}: target_modules {targets!r} (exclude_modules {excluded!r}) do not "
+                       f"select the module {uncovered[0]!r} that {ADAPTER_WEIGHTS} adapts "
+                       f"({len(uncovered)} such modules)")
+    if not isinstance(targets, str):
+      unused = [t for t in targets if not any(_peft_targets([t], m) for m in modules)]
+      if unused:
+        raise ValueError(f"{where}: target_modules entries {unused} match none of the "
+                         f"{len(modules)} modules with tensors in {ADAPTER_WEIGHTS} (e.g. "
+                         f"{modules[0]!r}): the config and the tensors disagree")
+  if family is None:
+    return
+  if bool(peft_config.get("fan_in_fan_out")) != bool(family.transposed_kernels):
+    raise ValueError(f"{where}: fan_in_fan_out={peft_config.get('fan_in_fan_out')!r}, but family "
+                     f"{family.name!r} stores its kernels "
+                     + ("(n_out, n_in) (fan_in_fan_out=true)" if family.transposed_kernels else
+                        "(n_in, n_out) (fan_in_fan_out=false)") + ": wrong family?")
+  for module in modules:
+    parts = module[len(prefix):].split(".") if module.startswith(prefix) else module.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    if index is not None and (index == 0 or parts[index - 1] != family.stack_container):
+      raise ValueError(f"{where}: module {module!r} numbers its layers after "
+                       f"{parts[index - 1] if index else '<root>'!r}, but family {family.name!r} "
+                       f"keeps them under {family.stack_container!r}: wrong family?")
+
+
 def import_peft(directory: str | os.PathLike, *, family: str | Family | None = None,
-                prefix: str = "",
+                prefix: str = "", base_model_name_or_path: str | None = None,
                 like: Any = None, dtype: Any = np.float32) -> tuple[dict, LoRAConfig]:
   """Reads a PEFT LoRA adapter into our layout: ``(trainable tree, LoRAConfig)``.
 
@@ -384,20 +430,36 @@ def import_peft(directory: str | os.PathLike, *, family: str | Family | None = N
   rank (from its factors) and alpha (PEFT's ``alpha_pattern`` rule) go into the config's
   ``rank_pattern`` / ``alpha_pattern`` when they differ from ``r`` / ``lora_alpha``, so
   ``config.scale_for(path)`` is PEFT's scale of that module. ``modules_to_save`` weights come back
-  as Flax params (``weight`` -> transposed ``kernel`` for 2-D, norm weights named by ``family``'s ``norm_weight``).
+  as Flax params (``weight`` -> transposed ``kernel`` for 2-D, norm weights named by
+  ``family``'s ``norm_weight``).
+
+  The adapter's config must agree with its tensors (clear ``ValueError`` otherwise, nothing is
+  returned): ``target_modules`` / ``exclude_modules`` select exactly the modules that have
+  factors; with ``family``, ``fan_in_fan_out`` is the family's and every layer index follows its
+  ``stack_container``.
 
   Args:
+    family: the model family (a key of ``lorapro_jax.models.FAMILIES`` or a ``Family``).
+    prefix: the PyTorch module prefix of the tree's root (as in :func:`export_peft`).
+    base_model_name_or_path: the base model the adapter must have been trained on; an adapter
+      whose config names another one is refused (one that names none is accepted).
     like: optional tree of the expected trainable layout (e.g. ``init_adapters`` output): every
       leaf's path and shape must match, else :class:`CheckpointMismatchError` naming each
       difference (and nothing is returned); it also settles Flax names of saved modules, and its
       stacked nodes (``nn.scan`` layers, ``lora_a`` of shape ``(L, n_in, r)``) collect their
-      per-layer modules (after ``family``'s ``stack_container``; needs ``family``), zero-padded to ``r``.
+      per-layer modules (after ``family``'s ``stack_container``; needs ``family``),
+      zero-padded to ``r``.
     dtype: dtype of the returned arrays.
   """
   _check_prefix(prefix)
   family = None if family is None else get_family(family)
   directory = os.fspath(directory)
   peft_config = read_peft_config(directory)
+  config_path = os.path.join(directory, ADAPTER_CONFIG)
+  recorded = peft_config.get("base_model_name_or_path")
+  if base_model_name_or_path is not None and recorded not in (None, base_model_name_or_path):
+    raise ValueError(f"{config_path}: the adapter was trained on base_model_name_or_path "
+                     f"{recorded!r}, not the expected {base_model_name_or_path!r}")
   tensors = _read_tensors(directory)
   factors: dict[str, dict[str, np.ndarray]] = {}
   saved_params: list[tuple[str, np.ndarray]] = []
@@ -413,6 +475,7 @@ def import_peft(directory: str | os.PathLike, *, family: str | Family | None = N
                        "lora_B of linear layers)")
     else:
       saved_params.append((rest, value))
+  _check_config_agrees(peft_config, list(factors), family, prefix, config_path)
 
   def strip(name: str) -> Path:
     if not name.startswith(prefix):
@@ -543,26 +606,51 @@ def _check_like(tree: Any, like: Any, directory: str) -> None:
 # ------------------------------------------------------------------------------- merged export
 
 
+def _written_by_save_pretrained(name: str) -> bool:
+  """A file that ``save_pretrained`` writes (or deletes as a stale shard): config, weights."""
+  return name in ("config.json", "generation_config.json") or (
+      name.startswith(("flax_model", "model")) and name.endswith((".msgpack", ".safetensors",
+                                                                  ".json")))
+
+
 def export_merged(params: Any, config: LoRAConfig, directory: str | os.PathLike, *,
-                  hf_model: Any, safe_serialization: bool = False) -> Any:
-  """Saves the base with the adapters folded in (``lorapro_jax.trees.merge``) as a Hugging Face
-  Flax checkpoint: ``config.json`` + ``flax_model.msgpack`` (or ``model.safetensors``), loadable
-  by ``Flax<Model>.from_pretrained`` and by PyTorch's ``<Model>.from_pretrained(...,
+                  hf_model: Any, safe_serialization: bool = False,
+                  overwrite: bool = False) -> Any:
+  """Saves the base with the adapters folded in (:func:`lorapro_jax.trees.merge`) as a Hugging
+  Face Flax checkpoint: ``config.json`` + ``flax_model.msgpack`` (or ``model.safetensors``),
+  loadable by ``Flax<Model>.from_pretrained`` and by PyTorch's ``<Model>.from_pretrained(...,
   from_flax=True)``; no adapter code is needed to run it. Returns the merged params.
 
   Args:
-    params: the full param tree with adapters (``combine(base, trainable)``).
+    params: the full param tree with adapters (``combine(base, trainable)``); a tree without
+      any adapter is refused (it would save the base as if it were the fine-tuned model).
     config: the LoRAConfig (scales, transposed GPT-2 kernels).
     hf_model: the ``FlaxPreTrainedModel`` whose architecture the params belong to (its config is
       saved; its ``params`` give the layout the merged tree must have).
+    overwrite: replace the config and weight files of a checkpoint already in ``directory``
+      (default: refuse, writing nothing).
   """
-  from lorapro_jax.trees import merge
+  directory = os.fspath(directory)
+  if not adapter_paths(params):
+    raise ValueError("export_merged: params hold no adapter node (lora_a / lora_b); pass "
+                     "combine(base, trainable), not the base alone")
+  existing = [name for name in (sorted(os.listdir(directory)) if os.path.isdir(directory) else ())
+              if _written_by_save_pretrained(name)]
+  if existing and not overwrite:
+    raise FileExistsError(f"{directory} already holds {existing}; pass overwrite=True to replace "
+                          "them")
   merged = merge(params, config)
   problems = layout_differences(merged, hf_model.params_shape_tree, got_name="merged params",
                                 expected_name=type(hf_model).__name__, dtypes=False)
   if problems:
     raise ValueError(f"merged params do not have the layout of {type(hf_model).__name__} "
                      f"({len(problems)} differences): " + "; ".join(problems[:10]))
-  hf_model.save_pretrained(os.fspath(directory), params=jax.device_get(merged),
+  hf_model.save_pretrained(directory, params=jax.device_get(merged),
                            safe_serialization=safe_serialization)
+  if safe_serialization:  # safetensors creates its files 0600: give them the umask's mode
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in os.listdir(directory):
+      if name.startswith("model") and name.endswith(".safetensors"):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
   return merged

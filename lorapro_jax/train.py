@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lorapro_jax.checkpoint import TrainCheckpointer
 from lorapro_jax.metrics import compute_metrics
 from lorapro_jax.trees import combine
 
@@ -236,7 +237,7 @@ def _summary_writer(log_dir: str | None):
 def fit(state: TrainState, base: Any, train_step: Callable[..., tuple[TrainState, dict]],
         train_batches: Iterable[Mapping[str, np.ndarray]], num_steps: int, *,
         evaluate_fn: Callable[[TrainState], dict[str, float]] | None = None,
-        eval_every: int = 0, checkpointer: Any = None,
+        eval_every: int = 0, checkpointer: TrainCheckpointer | None = None,
         data_position: Callable[[], Any] | None = None,
         schedule: optax.Schedule | None = None, log_every: int = 10,
         log_dir: str | None = None, on_step: Callable[[TrainState, dict], None] | None = None,

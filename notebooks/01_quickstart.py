@@ -91,7 +91,9 @@ dev_batch = {name: values[:256] for name, values in dev.items()}
 # `inject` runs the model's own code with adapters added to the layers that `targets` names
 # (PEFT-style path suffixes); `init_adapters` creates only the adapter leaves, and `split` puts
 # the frozen weights aside. Gradients flow to the trainable tree only. `lora_pro` is a drop-in
-# replacement for `optax.adamw` that needs the adapters' scale `s = alpha / r`.
+# replacement for `optax.adamw` that needs the adapters' scale `s = alpha / r`. The train state
+# holds only what a step changes (step, adapters, optimizer state, rng); the frozen base is the
+# step's own argument, `train_step(state, base, batch)`.
 
 # %%
 from lorapro_jax import LoRAConfig, combine, count_params, inject, init_adapters, lora_pro, split
@@ -109,7 +111,7 @@ def loss_fn(params, batch, rng):
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean(), logits
 
 optimizer = lora_pro(optax.cosine_decay_schedule(LEARNING_RATE, STEPS), scale=config.scales(trainable))
-state = TrainState.create(base, trainable, optimizer, jax.random.key(2))
+state = TrainState.create(trainable, optimizer, jax.random.key(2))
 train_step = make_train_step(loss_fn, optimizer)
 batches = BatchIterator(train, BATCH_SIZE, seed=0)
 dev_loss = jax.jit(lambda trainable: loss_fn(combine(base, trainable), dev_batch, None)[0])
@@ -119,7 +121,7 @@ print(f"trainable: {count_params(trainable):,} of {count_params(params):,} param
 dev_loss_before = float(dev_loss(state.trainable))
 losses = []
 for step in range(STEPS):
-  state, metrics = train_step(state, next(batches))
+  state, metrics = train_step(state, base, next(batches))
   losses.append(float(metrics["loss"]))
 dev_loss_after = float(dev_loss(state.trainable))
 print(f"dev loss {dev_loss_before:.4f} -> {dev_loss_after:.4f}")
@@ -136,7 +138,7 @@ plt.xlabel("step"); plt.ylabel("cross-entropy"); plt.legend(); plt.show()
 # ## Save, export, reload
 #
 # * An **Orbax checkpoint** of the whole train state (adapters, LoRA-Pro's optimizer state, step,
-#   rng; the frozen base is never written) resumes training exactly.
+#   rng; the frozen base is not part of it) resumes training exactly.
 # * The **PEFT export** (`adapter_model.safetensors` + `adapter_config.json`) is what
 #   `peft.PeftModel.from_pretrained` loads on top of the PyTorch model; reading it back here must
 #   give the same outputs. Module names follow the param tree: `encoder.` (the classifier's

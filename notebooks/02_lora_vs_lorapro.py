@@ -48,8 +48,7 @@ RANK = 4 if TINY else 8
 SYNTHETIC_STEPS = 40 if TINY else 200
 MINILM_STEPS = 4 if TINY else 60           # full-batch steps per method on MiniLM-L6
 MINILM_WORDS = 16 if TINY else 256         # VADER words in the MiniLM batch
-MINILM_METHODS = (("lora", "lorapro_efficient") if TINY
-                  else ("lora", "lorapro_efficient", "lorapro_full", "full_ft"))
+MINILM_METHODS = ("lora", "lora_pro") if TINY else ("lora", "lora_pro", "lora_pro_full", "full")
 
 # %%
 import warnings
@@ -112,9 +111,10 @@ plt.title(f"one {n}x{n} kernel"); plt.legend(); plt.show()
 # `experiments/gradient_alignment.py` (the library's measurement script) trains each method and
 # records, at every step and at the current parameters, the cosine between the full gradient G
 # of the adapted kernels (over all of them) and the equivalent gradient of LoRA's raw factor
-# gradients and of LoRA-Pro's adjusted ones, plus the training loss. Methods: `lora` (AdamW on
-# the factors), `lorapro_efficient` (LoRA-Pro's adjustment, then AdamW), `lorapro_full` (the
-# paper's full-rank Adam moments) and `full_ft` (AdamW on the adapted kernels themselves).
+# gradients and of LoRA-Pro's adjusted ones, plus the training loss. Methods, by their names in
+# `lorapro_jax.METHODS`: `lora` (AdamW on the factors), `lora_pro` (LoRA-Pro's adjustment, then
+# AdamW), `lora_pro_full` (the paper's full-rank Adam moments) and `full` (AdamW on the adapted
+# kernels themselves).
 
 # %%
 import sys
@@ -177,7 +177,7 @@ gradient_alignment.summary(minilm)
 # step of every run (both measured at the same parameters: the projection is the best direction).
 for task, results in [("synthetic", synthetic), ("MiniLM", minilm)]:
   lora = np.mean(results["lora"]["cos_lora"])
-  pro = np.mean(results["lorapro_efficient"]["cos_lorapro"])
+  pro = np.mean(results["lora_pro"]["cos_lorapro"])
   print(f"{task:9s}: mean cos(G, g̃)   LoRA {lora:.3f}   LoRA-Pro {pro:.3f}")
   assert pro > lora, (task, lora, pro)
   for method, history in results.items():

@@ -148,13 +148,13 @@ method = METHODS["lora_pro_dynamic_rank"]
 regularizer = method.regularizer(dynamic)  # DEM_WEIGHT * dem_penalty while pruning runs
 optimizer = method.optimizer(make_schedule("linear", LEARNING_RATE, STEPS, warmup_ratio=0.06),
                              scale=config.scales(trainable), dynamic=dynamic)
-state = TrainState.create(base, trainable, optimizer, jax.random.key(2))
+state = TrainState.create(trainable, optimizer, jax.random.key(2))
 train_step = make_train_step(loss_fn, optimizer, regularizer=regularizer)
 batches = BatchIterator(train, BATCH_SIZE, seed=0)
 
 losses, live = [], []
 for step in range(STEPS):
-  state, metrics = train_step(state, next(batches))
+  state, metrics = train_step(state, base, next(batches))
   losses.append(float(metrics["loss"]))
   live.append(sum(rank_pattern(state.opt_state).values()))
 

@@ -97,9 +97,10 @@ dev_batch = {name: values[:256] for name, values in dev.items()}
 # %% [markdown]
 # ## One function for both runs
 #
-# `run(mesh)` builds the state, places it with `state_shardings(state, mesh)` and jits the step
-# with those shardings; `run(None)` leaves everything on the default device. Both see the same
-# batches in the same order.
+# `run(mesh)` builds the state, places it with `state_shardings(state, base, mesh)` and the frozen
+# base with `param_shardings(base, mesh)`, and jits the step `train_step(state, base, batch)` with
+# those shardings; `run(None)` leaves everything on the default device. Both see the same batches
+# in the same order.
 
 # %%
 import sys
@@ -116,17 +117,19 @@ sys.path.insert(0, REPO_ROOT)
 
 # %%
 from experiments.configs import get_config
-from lorapro_jax import LoRAConfig, init_adapters, inject, split
+from lorapro_jax import METHODS, LoRAConfig, init_adapters, inject, split
 from lorapro_jax.data.batching import BatchIterator
 from lorapro_jax.schedules import make_schedule
-from lorapro_jax.sharding import batch_sharding, make_mesh, shard_batch, state_shardings
-from lorapro_jax.train import TrainState, make_optimizer, make_train_step
+from lorapro_jax.sharding import (batch_sharding, make_mesh, param_shardings, shard_batch,
+                                  state_shardings)
+from lorapro_jax.train import TrainState, make_train_step
 
 recipe = get_config(EXPERIMENT)
 print(f"{recipe.name}: rank {recipe.rank}, alpha {recipe.alpha}, lr {recipe.learning_rate}, "
       f"{recipe.schedule} schedule, warm-up {recipe.warmup_ratio}, weight decay {recipe.weight_decay}")
-config = LoRAConfig(rank=recipe.rank, alpha=recipe.alpha, targets=("query", "value"),
-                    modules_to_save=("classifier",))
+method = METHODS[METHOD]
+config = method.lora_config(LoRAConfig(rank=recipe.rank, alpha=recipe.alpha, targets=("query", "value"),
+                                       modules_to_save=("classifier",)))
 model = inject(classifier, config)
 trainable = init_adapters(model, params, jax.random.key(1), *inputs(example))
 base, _ = split(params, config)
@@ -137,31 +140,31 @@ def loss_fn(params, batch, rng):
 
 def run(mesh):
   schedule = make_schedule(recipe.schedule, recipe.learning_rate, STEPS, warmup_ratio=recipe.warmup_ratio)
-  optimizer = make_optimizer(METHOD, schedule, scale=config.scales(trainable),
-                             weight_decay=recipe.weight_decay, clip_norm=recipe.clip_norm)
-  state = TrainState.create(base, trainable, optimizer, jax.random.key(2))
-  # donate=False: both runs start from the same arrays, which a donating step would consume.
+  optimizer = method.optimizer(schedule, scale=config.scales(trainable),
+                               weight_decay=recipe.weight_decay, clip_norm=recipe.clip_norm)
+  # create copies `trainable`: the step donates its state, and both runs start from the same arrays.
+  state = TrainState.create(trainable, optimizer, jax.random.key(2))
   if mesh is None:
-    train_step, place = make_train_step(loss_fn, optimizer, donate=False), lambda batch: batch
+    run_base, train_step, place = base, make_train_step(loss_fn, optimizer), lambda batch: batch
   else:
-    shardings = state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
+    shardings, base_shardings = state_shardings(state, base, mesh), param_shardings(base, mesh)
+    state, run_base = jax.device_put(state, shardings), jax.device_put(base, base_shardings)
     train_step = make_train_step(loss_fn, optimizer, state_sharding=shardings,
-                                 batch_sharding=batch_sharding(mesh), donate=False)
+                                 base_sharding=base_shardings, batch_sharding=batch_sharding(mesh))
     place = lambda batch: shard_batch(batch, mesh)
   batches = BatchIterator(train, BATCH_SIZE, seed=0)
   losses = []
   for _ in range(STEPS):
-    state, metrics = train_step(state, place(next(batches)))
+    state, metrics = train_step(state, run_base, place(next(batches)))
     losses.append(float(metrics["loss"]))
-  return state, np.asarray(losses)
+  return state, run_base, np.asarray(losses)
 
 
 # %%
 mesh = make_mesh(fsdp=FSDP)
 print("mesh:", dict(mesh.shape), "over", jax.device_count(), "devices")
-sharded_state, sharded_losses = run(mesh)
-single_state, single_losses = run(None)
+sharded_state, sharded_base, sharded_losses = run(mesh)
+single_state, single_base, single_losses = run(None)
 print("sharded:", np.round(sharded_losses, 5))
 print("single: ", np.round(single_losses, 5))
 
@@ -172,7 +175,7 @@ print("single: ", np.round(single_losses, 5))
 # adapters of a kernel split on its input side are split on n_in.
 
 # %%
-layer = sharded_state.base["encoder"]["encoder"]["layer"]["0"]
+layer = sharded_base["encoder"]["encoder"]["layer"]["0"]
 kernel = layer["intermediate"]["dense"]["kernel"]
 query = sharded_state.trainable["encoder"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]
 for name, array in [("intermediate kernel", kernel), ("query kernel", layer["attention"]["self"]["query"]["kernel"]),
@@ -191,15 +194,17 @@ def bytes_per_device(tree):
 figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
 left.plot(single_losses, "o-", label="1 device"); left.plot(sharded_losses, "x--", label=f"mesh {dict(mesh.shape)}")
 left.set(xlabel="step", ylabel="train loss", title="same losses"); left.legend()
-right.bar(range(jax.device_count()), bytes_per_device(sharded_state) / 2**20, label="sharded")
-right.axhline(bytes_per_device(single_state).max() / 2**20, color="k", ls="--", label="1 device holds")
-right.set(xlabel="device", ylabel="MiB of train state", title="memory per device"); right.legend(); plt.show()
+sharded_bytes = bytes_per_device((sharded_base, sharded_state))
+single_bytes = bytes_per_device((single_base, single_state))
+right.bar(range(jax.device_count()), sharded_bytes / 2**20, label="sharded")
+right.axhline(single_bytes.max() / 2**20, color="k", ls="--", label="1 device holds")
+right.set(xlabel="device", ylabel="MiB of base + train state", title="memory per device"); right.legend(); plt.show()
 
 # %%
 # The checked outcome: the sharded run gives the losses of the single-device run (up to the
 # order of floating-point reductions), and the frozen kernels really were split over fsdp.
 np.testing.assert_allclose(sharded_losses, single_losses, rtol=2e-5, atol=1e-6)
 assert kernel.addressable_shards[0].data.size == kernel.size // FSDP
-assert bytes_per_device(sharded_state).max() < bytes_per_device(single_state).max() or FSDP == 1
+assert sharded_bytes.max() < single_bytes.max() or FSDP == 1
 print(f"OK: {STEPS} steps on a {dict(mesh.shape)} mesh match one device, "
       f"max |loss difference| = {np.abs(sharded_losses - single_losses).max():.2e}")

@@ -776,10 +776,12 @@ def test_one_config_drives_transform_dem_shrink_and_a_peft_export_with_a_rank_0_
   model = inject(flax_model.module, lora)
   trainable = init_adapters(model, flax_model.params, jax.random.key(1), *args)
   # An inconsistent combination is refused by the transform's init, naming the adapter.
-  plain = init_adapters(inject(flax_model.module, LoRAConfig(rank=2, targets=("query", "value"))),
-                        flax_model.params, jax.random.key(1), *args)
-  with pytest.raises(ValueError, match="adapter 'encoder.layer.0.attention.self.query' has rank 2"):
-    dynamic_rank(config).init(plain)
+  at_target = LoRAConfig(rank=2, targets=("query", "value"), gated=True)  # not at r' = 3
+  wrong = init_adapters(inject(flax_model.module, at_target), flax_model.params,
+                        jax.random.key(1), *args)
+  with pytest.raises(ValueError, match="adapter 'encoder.layer.0.attention.self.query' has rank 2, "
+                                       "expected r' = ceil"):
+    dynamic_rank(config).init(wrong)
 
   frozen = ("encoder", "layer", "1", "attention", "self", "value")
   no_gradient = map_adapters(lambda path, node: {k: path == frozen for k in node}, trainable)

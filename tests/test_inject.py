@@ -253,3 +253,33 @@ def test_dropout_through_inject_needs_the_rng(base):
   two = model.apply({"params": params}, X, rngs={"dropout": jax.random.key(5)})
   np.testing.assert_array_equal(one, two)
   assert np.abs(one - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_all_linear_skips_tied_output_heads(name):
+  """GPT-2's and T5's heads run as ``lm_head.apply({"params": {"kernel": embedding.T}}, x)``:
+  their params are not in the model's tree, so all-linear must neither list nor adapt them."""
+  if name == "gpt2":
+    hf_config = transformers.GPT2Config(vocab_size=40, n_embd=12, n_layer=1, n_head=2,
+                                        n_inner=20, n_positions=16)
+    hf_class, targets = transformers.FlaxGPT2LMHeadModel, 4
+  else:
+    hf_config = transformers.T5Config(vocab_size=40, d_model=12, d_kv=8, num_heads=2, d_ff=20,
+                                      num_layers=1, num_decoder_layers=1,
+                                      relative_attention_num_buckets=8, decoder_start_token_id=0)
+    hf_class, targets = transformers.FlaxT5ForConditionalGeneration, 16
+  config = preset(name, rank=2, targets="all-linear")
+  module = hf_class.module_class(hf_config)
+  args, kwargs = hf_example_inputs(hf_config, batch=1, seq_len=4)
+  key = jax.random.key(0)
+  base = jax.eval_shape(lambda k: module.init(k, *args, **kwargs), key)["params"]
+  paths = linear_layer_paths(module, *args, **kwargs)
+  assert () not in paths and len(paths) == targets  # q, k, v, o, FFN per block; no head
+
+  def adapters(config):
+    return jax.eval_shape(lambda b, k: init_adapters(inject(module, config), b, k, *args,
+                                                     **kwargs), base, key)
+
+  assert sorted(adapter_paths(adapters(config))) == sorted(paths)
+  with pytest.raises(ValueError, match="'lm_head' matches no linear layer"):
+    adapters(preset(name, rank=2, targets="lm_head"))

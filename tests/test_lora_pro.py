@@ -518,32 +518,33 @@ def test_scale_tree_with_entries_that_are_no_pair_raises():
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 def test_inject_hyperparams(mode):
   """Every numeric option becomes an injectable hyperparameter (ridge included); a learning rate
-  and weight decay changed in the state between steps give exactly the step of an optimizer
-  built with them, from the same moments."""
+  and weight decay changed in the state between steps give the step of an optimizer built with
+  them, from the same moments. (float64: in float32 the differently compiled r x r algebra
+  differs at the 1e-6 level.)"""
   factory = OPTIMIZERS[mode]
-  params, grads = _random_tree(20)
-  params, grads = ({k: t[k] for k in ("encoder", "head")} for t in (params, grads))
-  injected = optax.inject_hyperparams(factory)(learning_rate=1e-2, scale=2.0, weight_decay=0.1)
-  assert {"learning_rate", "scale", "weight_decay", "ridge", "b1"} <= set(
-      injected.init(params).hyperparams)
-  update = jax.jit(injected.update)
-  state = injected.init(params)
-  first, state = update(grads, state, params)
-  fixed = factory(1e-2, 2.0, weight_decay=0.1)
-  expected, _ = jax.jit(fixed.update)(grads, fixed.init(params), params)
-  chex.assert_trees_all_close(first, expected, rtol=1e-5, atol=1e-9)
+  with jax.enable_x64(True):
+    params, grads = _random_tree(20, jnp.float64)
+    params, grads = ({"query": t["encoder"]["query"], "head": t["head"]} for t in (params, grads))
+    injected = optax.inject_hyperparams(factory)(learning_rate=1e-2, scale=2.0, weight_decay=0.1)
+    state = injected.init(params)
+    assert {"learning_rate", "scale", "weight_decay", "ridge", "b1"} <= set(state.hyperparams)
+    update = jax.jit(injected.update)
+    first, state = update(grads, state, params)
+    fixed = factory(1e-2, 2.0, weight_decay=0.1)
+    expected, _ = jax.jit(fixed.update)(grads, fixed.init(params), params)
+    chex.assert_trees_all_close(first, expected, rtol=1e-12, atol=1e-15)
 
-  params = optax.apply_updates(params, first)
-  state.hyperparams["learning_rate"] = jnp.asarray(3e-3)
-  state.hyperparams["weight_decay"] = jnp.asarray(0.5)
-  next_grads = jax.tree.map(lambda g: jnp.cos(g), grads)
-  second, _ = update(next_grads, state, params)
-  fresh = factory(3e-3, 2.0, weight_decay=0.5)
-  expected, _ = jax.jit(fresh.update)(next_grads, state.inner_state, params)
-  chex.assert_trees_all_close(second, expected, rtol=1e-5, atol=1e-9)
-  # the change mattered: the old rate gives another step
-  old, _ = jax.jit(fixed.update)(next_grads, state.inner_state, params)
-  assert not np.allclose(old["head"]["kernel"], second["head"]["kernel"], rtol=0.1)
+    params = optax.apply_updates(params, first)
+    state.hyperparams["learning_rate"] = jnp.asarray(3e-3)
+    state.hyperparams["weight_decay"] = jnp.asarray(0.5)
+    next_grads = jax.tree.map(jnp.cos, grads)
+    second, _ = update(next_grads, state, params)
+    fresh = factory(3e-3, 2.0, weight_decay=0.5)
+    expected, _ = jax.jit(fresh.update)(next_grads, state.inner_state, params)
+    chex.assert_trees_all_close(second, expected, rtol=1e-12, atol=1e-15)
+    # the change mattered: the old rate gives another step
+    old, _ = jax.jit(fixed.update)(next_grads, state.inner_state, params)
+    assert not np.allclose(old["head"]["kernel"], second["head"]["kernel"], rtol=0.1)
 
 
 @pytest.mark.parametrize("mode", ["efficient", "full"])
@@ -551,13 +552,12 @@ def test_apply_if_finite_skips_and_counts_non_finite_steps(mode):
   """``optax.apply_if_finite(lora_pro(...))``: a NaN/Inf gradient gives a zero update and leaves
   our state untouched, the skip is counted, and the run continues exactly as if the bad step had
   never happened."""
-  params, grads = _random_tree(21)
-  guarded = optax.apply_if_finite(OPTIMIZERS[mode](1e-2, SCALES, weight_decay=0.1),
+  params, grads = ({"gated": t["gated"], "head": t["head"]} for t in _random_tree(21))
+  guarded = optax.apply_if_finite(OPTIMIZERS[mode](1e-2, 4.0, weight_decay=0.1),
                                   max_consecutive_errors=3)
-  plain = OPTIMIZERS[mode](1e-2, SCALES, weight_decay=0.1)
+  plain = OPTIMIZERS[mode](1e-2, 4.0, weight_decay=0.1)
   guarded_update, plain_update = jax.jit(guarded.update), jax.jit(plain.update)
-  bad = {**grads, "encoder": {**grads["encoder"], "mlp": {
-      **grads["encoder"]["mlp"], "lora_a": grads["encoder"]["mlp"]["lora_a"].at[1, 2, 0].set(jnp.nan)}}}
+  bad = {**grads, "gated": {**grads["gated"], "lora_a": grads["gated"]["lora_a"].at[2, 0].set(jnp.nan)}}
   guarded_state, plain_state = guarded.init(params), plain.init(params)
   guarded_params = plain_params = params
   for step, step_grads in enumerate([grads, bad, jax.tree.map(jnp.sin, grads)]):

@@ -6,16 +6,31 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from lorapro_jax import equivalent_gradient, lora_pro, lora_pro_adjust
-from lorapro_jax.lora_pro import _adjust_with_y, sylvester_y
+from lorapro_jax.lora_pro import equivalent_gradient, lora_pro, lora_pro_adjust, lora_pro_full
 
 SETTINGS = settings(max_examples=6, deadline=None, derandomize=True)
 
 # One compiled function per shape: eager dispatch of many small ops would dominate the run time.
-adjust = jax.jit(lora_pro_adjust, static_argnames=("x_mode", "ridge"))
-adjust_with_y = jax.jit(_adjust_with_y)
+adjust = jax.jit(lora_pro_adjust, static_argnames=("y", "ridge"))
 equivalent = jax.jit(equivalent_gradient, static_argnames=("ridge",))
-jit_sylvester_y = jax.jit(sylvester_y)
+
+
+def closed_form(a, b, grad_a, grad_b, scale, y, ridge=1e-8):
+  """The closed form with a given Y, in NumPy float64 with explicit ridge pseudo-inverses."""
+  a, b, grad_a, grad_b, y = (np.asarray(t, np.float64) for t in (a, b, grad_a, grad_b, y))
+  eye = np.eye(a.shape[-1])
+  inv_a, inv_b = np.linalg.pinv(a.T @ a + ridge * eye), np.linalg.pinv(b @ b.T + ridge * eye)
+  new_a = grad_a @ inv_b / scale**2 + a @ y
+  new_b = inv_a @ (grad_b - grad_b @ b.T @ inv_b @ b) / scale**2 - y @ b
+  return new_a, new_b
+
+
+@jax.jit
+def library_y(a, b, grad_a, grad_b, scale):
+  """The Y of ``y="sylvester"``, read off the library's gradients: they differ from Y = 0 by A·Y."""
+  sylvester = lora_pro_adjust(a, b, grad_a, grad_b, scale)[0]
+  zero = lora_pro_adjust(a, b, grad_a, grad_b, scale, y="zero")[0]
+  return jnp.linalg.pinv(a) @ (sylvester - zero)
 
 
 @st.composite
@@ -72,11 +87,11 @@ def test_equivalent_gradient_does_not_depend_on_y(problem):
   with jax.enable_x64(True):
     a, b, grad_a, grad_b, _ = _model(n_in, n_out, rank, scale, jax.random.PRNGKey(seed))
     lift = lambda ga, gb: scale * (ga @ b + a @ gb)
-    zero = adjust(a, b, grad_a, grad_b, scale, x_mode="zero")
+    zero = adjust(a, b, grad_a, grad_b, scale, y="zero")
     y = jax.random.normal(jax.random.PRNGKey(seed + 1), (rank, rank), jnp.float64)
-    arbitrary = adjust_with_y(a, b, grad_a, grad_b, scale, y)
+    arbitrary = closed_form(a, b, grad_a, grad_b, scale, y)
     reference = np.asarray(lift(*zero))
-    assert _rel(lift(*adjust(a, b, grad_a, grad_b, scale, x_mode="sylvester")), reference) < 1e-10
+    assert _rel(lift(*adjust(a, b, grad_a, grad_b, scale, y="sylvester")), reference) < 1e-10
     assert _rel(lift(*arbitrary), reference) < 1e-10
     # and Y changes the factors' gradients themselves (the check above is not vacuous)
     assert _rel(arbitrary[0], np.asarray(zero[0])) > 1e-3
@@ -88,7 +103,7 @@ def test_sylvester_residual_and_minimality(problem):
   n_in, n_out, rank, scale, seed = problem
   with jax.enable_x64(True):
     a, b, grad_a, grad_b, _ = _model(n_in, n_out, rank, scale, jax.random.PRNGKey(seed))
-    y = np.asarray(jit_sylvester_y(a, b, grad_a, grad_b, scale))
+    y = np.asarray(library_y(a, b, grad_a, grad_b, scale))
     a, b, grad_a, grad_b = (np.asarray(t) for t in (a, b, grad_a, grad_b))
     inv_b = np.linalg.pinv(b @ b.T + 1e-8 * np.eye(rank))
     rhs = -(a.T @ grad_a @ inv_b) / scale**2
@@ -96,7 +111,7 @@ def test_sylvester_residual_and_minimality(problem):
     assert np.linalg.norm(residual) <= 1e-9 * np.linalg.norm(rhs) + 1e-300
     # Y minimises ‖gA − gA_l‖² + ‖gB − gB_l‖²: random perturbations never do better
     distance = lambda y_: sum(float(np.sum((np.asarray(new) - raw) ** 2)) for new, raw in zip(
-        adjust_with_y(a, b, grad_a, grad_b, scale, y_), (grad_a, grad_b)))
+        closed_form(a, b, grad_a, grad_b, scale, y_), (grad_a, grad_b)))
     best = distance(y)
     perturbations = np.random.default_rng(seed).normal(size=(4, rank, rank))
     assert all(distance(y + 1e-3 * p) >= best for p in perturbations)
@@ -122,8 +137,8 @@ def test_bfloat16_inputs_stay_finite_and_zeros_stay_zero(problem, case):
   outputs = _bfloat16_outputs(a, b, grad_a, grad_b, scale)
   for leaf in jax.tree.leaves(outputs):
     assert bool(jnp.all(jnp.isfinite(leaf))), case
-  for x_mode in ("sylvester", "zero"):
-    new_a, new_b = outputs[x_mode]
+  for y in ("sylvester", "zero"):
+    new_a, new_b = outputs[y]
     assert new_a.dtype == new_b.dtype == jnp.bfloat16
     if case == "b_zero":
       np.testing.assert_array_equal(np.asarray(new_a, np.float32), 0.0)
@@ -138,12 +153,11 @@ def test_bfloat16_inputs_stay_finite_and_zeros_stay_zero(problem, case):
 
 @jax.jit
 def _bfloat16_outputs(a, b, grad_a, grad_b, scale):
-  outputs = {x_mode: lora_pro_adjust(a, b, grad_a, grad_b, scale, x_mode=x_mode)
-             for x_mode in ("sylvester", "zero")}
+  outputs = {y: lora_pro_adjust(a, b, grad_a, grad_b, scale, y=y) for y in ("sylvester", "zero")}
   outputs["g_eq"] = equivalent_gradient(a, b, grad_a, grad_b, scale)
   params = {"layer": {"lora_a": a, "lora_b": b}}
   grads = {"layer": {"lora_a": grad_a, "lora_b": grad_b}}
-  for mode in ("efficient", "full"):
-    optimizer = lora_pro(1e-3, scale, mode=mode)
+  for mode, factory in (("efficient", lora_pro), ("full", lora_pro_full)):
+    optimizer = factory(1e-3, scale)
     outputs[mode], outputs[mode + "_state"] = optimizer.update(grads, optimizer.init(params), params)
   return outputs

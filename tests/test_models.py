@@ -1,6 +1,7 @@
 """The six Hugging Face Flax families (tiny random configs) and the real MiniLM-L6 with LoRA
 injected by the presets: exact equality at init, merge equivalence, adapter layout, T5 clip fix."""
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import transformers
 from lorapro_jax.adapters import adapter_paths, get_path
 from lorapro_jax.inject import init_adapters, inject
 from lorapro_jax.trees import combine, merge
-from lorapro_jax.models import fix_t5_clip, hf_example_inputs, preset
+from lorapro_jax.models import FAMILIES, Family, fix_t5_clip, hf_example_inputs, preset
+from lorapro_jax.models.families import decoder_inputs
 
 fix_t5_clip()  # HF's Flax T5 cannot even be built on jax >= 0.10 without it
 
@@ -133,5 +135,20 @@ def test_t5_clip_fix_is_scoped_to_the_t5_module():
 
 
 def test_unknown_family_raises():
-  with pytest.raises(ValueError, match="'bart'"):
+  with pytest.raises(ValueError, match="unknown model family 'bart'; expected one of"):
     preset("bart")
+
+
+def test_a_new_family_is_one_record(monkeypatch):
+  """preset and hf_example_inputs read everything from the record: registering one is enough."""
+  record = Family("mine", ("proj",), decoder_inputs, stack_container="blocks",
+                  norm_weight="weight", transposed_kernels=("proj",))
+  monkeypatch.setitem(FAMILIES, "mine", record)
+  config = preset("mine", rank=3)
+  assert (config.rank, config.targets, config.transposed_kernels) == (3, ("proj",), ("proj",))
+  assert preset(record, rank=3) == config
+  args, kwargs = hf_example_inputs(types.SimpleNamespace(model_type="mine"), batch=2, seq_len=5)
+  assert [np.shape(x) for x in args] == [(2, 5)] * 3 and kwargs == {}
+  np.testing.assert_array_equal(args[2][1], np.arange(5))  # positions
+  with pytest.raises(ValueError, match="norm_weight must be 'scale' or 'weight', got 'gamma'"):
+    Family("odd", ("proj",), decoder_inputs, stack_container="h", norm_weight="gamma")

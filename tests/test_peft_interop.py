@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
+from flax.traverse_util import unflatten_dict  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from transformers.modeling_flax_pytorch_utils import (  # noqa: E402
     load_flax_checkpoint_in_pytorch_model)
@@ -32,6 +33,7 @@ from lorapro_jax.inject import init_adapters, inject  # noqa: E402
 from lorapro_jax.trees import combine  # noqa: E402
 from lorapro_jax.lora import LoRAConfig  # noqa: E402
 from lorapro_jax.models import hf_example_inputs, preset  # noqa: E402
+from lorapro_jax.models.families import Family as FamilyRecord, decoder_inputs  # noqa: E402
 from lorapro_jax.peft_format import (_alpha_for_scale, export_merged, export_peft,  # noqa: E402
                                      import_peft, peft_pattern_key, torch_module_names)
 
@@ -71,6 +73,7 @@ class Family:
 
   def __init__(self, name, directory):
     make_config, flax_class, self.torch_class, self.peft_targets, overrides = FAMILIES[name]
+    preset(name)  # the family's prepare (the module-scoped jnp.clip fix of HF's Flax T5)
     self.name, self.config = name, make_config()
     self.flax = flax_class(self.config, seed=0)
     self.flax.save_pretrained(directory)
@@ -120,8 +123,6 @@ class Family:
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
-  if request.param == "t5":
-    preset("t5")  # the module-scoped jnp.clip fix of HF's Flax T5
   return Family(request.param, str(tmp_path_factory.mktemp(request.param)))
 
 
@@ -195,12 +196,7 @@ def test_dynamic_rank_shrunk_adapter_roundtrips(family, tmp_path):
   trainable = map_adapters(prune, trainable)
   map_adapters(lambda path, node: masks.setdefault(path, np.asarray(node["lora_c"]) != 0),
                trainable)
-  mask_tree = {}
-  for path, mask in masks.items():
-    node = mask_tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = mask
+  mask_tree = unflatten_dict(masks)
   ours = family.flax_output(config, trainable)
   shrunk = shrink(trainable, mask_tree)
   written = export_peft(shrunk, config, tmp_path, family=family.name)
@@ -234,6 +230,57 @@ def test_merged_export_loads_in_flax_and_pytorch(tmp_path):
         str(tmp_path / "merged" / "flax_model.msgpack"))
   np.testing.assert_allclose(bert.torch_output(torch_merged.eval()), ours, atol=ATOL, rtol=0)
 
+  # never silently replaced: a second export raises and leaves every file byte-identical
+  before = _snapshot(tmp_path / "merged")
+  params = combine(bert.flax.params, trainable)
+  with pytest.raises(FileExistsError, match=r"already holds \['config.json', "
+                                            r"'flax_model.msgpack'\]; pass overwrite=True"):
+    export_merged(params, config, tmp_path / "merged", hf_model=bert.flax)
+  with pytest.raises(ValueError, match=r"hold no adapter node .* not the base alone"):
+    export_merged(bert.flax.params, config, tmp_path / "merged", hf_model=bert.flax,
+                  overwrite=True)
+  assert _snapshot(tmp_path / "merged") == before
+  export_merged(params, config, tmp_path / "merged", hf_model=bert.flax, overwrite=True)
+  # safetensors files get the umask's mode (0644 under 022), not safetensors' own 0600
+  old = os.umask(0o022)
+  try:
+    export_merged(params, config, tmp_path / "safe", hf_model=bert.flax, safe_serialization=True)
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / "safe" / "model.safetensors").st_mode & 0o777 == 0o644
+
+
+def _snapshot(directory):
+  return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_all_linear_with_tied_heads_trains_and_exports(name, tmp_path):
+  """The tied LM heads of GPT-2 and T5 are skipped by all-linear (they were a crash); the
+  adapters of every other linear layer train and load in PEFT with our logits."""
+  family = Family(name, str(tmp_path / "base"))
+  config = family.lora_config(targets="all-linear")
+  trainable = family.adapters(config, seed=8)
+  model = inject(family.flax.module, config)
+
+  def loss(trainable):
+    out = model.apply({"params": combine(family.flax.params, trainable)}, *family.args,
+                      **family.kwargs)[0]
+    return jnp.mean(out ** 2)
+
+  before, grads = jax.value_and_grad(loss)(trainable)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+  trainable = jax.tree.map(lambda t, g: t - 0.1 * g, trainable, grads)  # one SGD step
+  assert float(loss(trainable)) < float(before)
+  assert not any("lm_head" in path for path in adapter_paths(trainable))
+  ours = family.flax_output(config, trainable)
+  export_peft(trainable, config, tmp_path / "adapter", family=name)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    loaded = peft.PeftModel.from_pretrained(family.torch_model(), str(tmp_path / "adapter"))
+  assert np.abs(ours - family.torch_output(family.torch_model())).max() > 100 * ATOL
+  np.testing.assert_allclose(family.torch_output(loaded), ours, atol=ATOL, rtol=0)
+
 
 # ------------------------------------------------------------------- names, alphas, errors
 
@@ -251,6 +298,9 @@ def test_module_names_per_family():
     torch_module_names(("encoder", "layer", "q"), "t5", 2)
   with pytest.raises(ValueError, match=r"unknown model family 'bart'"):
     torch_module_names(path, "bart")
+  mine = FamilyRecord("mine", ("proj",), decoder_inputs, stack_container="blocks")
+  assert torch_module_names(("net", "blocks", "proj"), mine, 2) == ["net.blocks.0.proj",
+                                                                    "net.blocks.1.proj"]
   with pytest.raises(ValueError, match=r"prefix must be empty or end with '\.'"):
     torch_module_names(path, "bert", prefix="bert")
   assert peft_pattern_key(["layer.1.query", "query"], "enc.layer.1.query") == "layer.1.query"
@@ -302,6 +352,50 @@ def _tiny_adapter(tmp_path):
   tree = {"dense": {"lora_a": np.ones((6, 2), np.float32), "lora_b": np.ones((2, 3), np.float32)}}
   export_peft(tree, LoRAConfig(rank=2, alpha=4.0, targets=("dense",)), tmp_path, family="bert")
   return tree
+
+
+def test_adapter_file_has_the_umask_mode(tmp_path):
+  old = os.umask(0o022)
+  try:
+    _tiny_adapter(tmp_path)
+  finally:
+    os.umask(old)
+  for name in ("adapter_model.safetensors", "adapter_config.json"):
+    assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
+
+
+def test_import_refuses_a_config_that_disagrees_with_the_tensors(tmp_path):
+  pair = {"lora_a": np.ones((6, 2), np.float32), "lora_b": np.ones((2, 3), np.float32)}
+  tree = {"encoder": {"layer": {"0": {"attention": {"self": {"query": pair, "value": pair}}}}}}
+  export_peft(tree, LoRAConfig(rank=2, alpha=4.0, targets=("query", "value")), tmp_path,
+              family="bert", base_model_name_or_path="bert-tiny")
+  assert import_peft(tmp_path, family="bert", base_model_name_or_path="bert-tiny")[1].rank == 2
+  with pytest.raises(ValueError, match=r"trained on base_model_name_or_path 'bert-tiny', not the "
+                                       r"expected 'gpt2'"):
+    import_peft(tmp_path, base_model_name_or_path="gpt2")
+  with pytest.raises(ValueError, match=r"fan_in_fan_out=False, but family 'gpt2' stores its "
+                                       r"kernels \(n_out, n_in\)"):
+    import_peft(tmp_path, family="gpt2")
+  with pytest.raises(ValueError, match=r"module 'encoder.layer.0.attention.self.query' numbers "
+                                       r"its layers after 'layer', but family 't5' keeps them "
+                                       r"under 'block'"):
+    import_peft(tmp_path, family="t5")
+  config_path = tmp_path / "adapter_config.json"
+  good = json.loads(config_path.read_text())
+  config_path.write_text(json.dumps({**good, "target_modules": ["query"]}))
+  with pytest.raises(ValueError, match=r"target_modules \['query'\] .* do not select the module "
+                                       r"'encoder.layer.0.attention.self.value'"):
+    import_peft(tmp_path)
+  config_path.write_text(json.dumps({**good, "target_modules": ["query", "value", "key"]}))
+  with pytest.raises(ValueError, match=r"target_modules entries \['key'\] match none of the 2 "
+                                       r"modules"):
+    import_peft(tmp_path)
+  config_path.write_text(json.dumps({**good, "target_modules": r".*\.query"}))
+  with pytest.raises(ValueError, match=r"do not select the module .*self.value"):
+    import_peft(tmp_path)
+  config_path.write_text(json.dumps({**good, "exclude_modules": ["value"]}))
+  with pytest.raises(ValueError, match=r"do not select the module .*self.value"):
+    import_peft(tmp_path)
 
 
 def test_import_errors_are_clear_and_load_nothing(tmp_path):
