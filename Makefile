@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m lorapro_jax.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 -q tests --doctest-modules lorapro_jax
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache

@@ -7,7 +7,7 @@ from lorapro_jax.lora import LoRAConfig, LoRADense, LoRADenseGeneral, LoRAEinsum
 from lorapro_jax.inject import init_adapters, inject, linear_layer_paths
 from lorapro_jax.trees import combine, count_params, merge, split, unmerge
 from lorapro_jax.lora_pro import (LoRAProFullState, equivalent_gradient, lora_pro, lora_pro_adjust,
-                                  lora_pro_full_direction, lora_pro_project)
+                                  lora_pro_full, lora_pro_full_direction, lora_pro_project)
 from lorapro_jax.dynamic_rank import (DynamicRankConfig, DynamicRankState, dem_penalty,
                                       dem_regularizer, dynamic_rank, norm_ratio_scores,
                                       plot_rank_heatmap, pruning_events, rank_pattern,

@@ -136,8 +136,8 @@ plt.xlabel("step"); plt.ylabel("live components"); plt.title("pruning schedule")
 
 # %%
 from lorapro_jax.data.batching import BatchIterator
-from lorapro_jax.schedules import make_schedule
 from lorapro_jax.methods import METHODS
+from lorapro_jax.schedules import make_schedule
 from lorapro_jax.train import TrainState, make_train_step
 
 def loss_fn(params, batch, rng):

@@ -117,8 +117,9 @@ sys.path.insert(0, REPO_ROOT)
 
 # %%
 from experiments.configs import get_config
-from lorapro_jax import METHODS, LoRAConfig, init_adapters, inject, split
+from lorapro_jax import LoRAConfig, init_adapters, inject, split
 from lorapro_jax.data.batching import BatchIterator
+from lorapro_jax.methods import METHODS
 from lorapro_jax.schedules import make_schedule
 from lorapro_jax.sharding import (batch_sharding, make_mesh, param_shardings, shard_batch,
                                   state_shardings)

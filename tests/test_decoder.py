@@ -47,14 +47,16 @@ def test_left_padded_batch_equals_pytorch_and_the_rows_alone(case):
   ours = np.asarray(forward(config)({"params": params}, ids, mask))
   real = mask.astype(bool)
   np.testing.assert_allclose(ours[real], expected[real], atol=ATOL, rtol=0)
-  for row, length in enumerate(lengths):
-    alone = forward(config)({"params": params}, ids[row:row + 1, 11 - length:])
-    np.testing.assert_allclose(ours[row, 11 - length:], alone[0], atol=1e-5, rtol=0)
+  alone = forward(config)({"params": params}, ids[2:, 11 - lengths[2]:])  # the shortest row
+  np.testing.assert_allclose(ours[2, 11 - lengths[2]:], alone[0], atol=1e-5, rtol=0)
 
 
-def test_kv_cache_steps_equal_the_full_forward(case):
-  """Prefill a left-padded batch into a cache, then feed tokens one or two at a time."""
-  _, config, params = case
+@pytest.mark.parametrize("name", ["mistral", "gemma"])  # the others: through generate's tests
+def test_kv_cache_steps_equal_the_full_forward(name):
+  """Prefill a left-padded batch into a cache, then feed tokens one or two at a time (Mistral's
+  sliding window of 5 spans the cache's pieces)."""
+  hf = torch_model(name)
+  config, params = our_config(hf), to_ours(hf)
   ids, mask = left_padded((9, 5), 9, config.vocab_size, seed=3)
   full = np.asarray(forward(config)({"params": params}, ids, mask))
   cache = init_cache(config, 2, 12)

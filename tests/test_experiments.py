@@ -87,9 +87,11 @@ def test_every_config_trains_and_evaluates(name, gsm_files, tmp_path):
     ("vit_images/cifar10", "rslora"),
 ])
 def test_methods_run_on_each_family(name, method, gsm_files, tmp_path):
+  # up to 4 steps: dynamic rank's schedule needs T >= 3 for a pruning event (K = int(0.35 T) >= 1)
   results = run_experiment(_config(name, gsm_files), method, 0, out_dir=str(tmp_path),
-                           max_steps=2, **TINY)
-  assert len(results["history"]) == 2 and all(math.isfinite(h["loss"]) for h in results["history"])
+                           max_steps=4, **TINY)
+  assert len(results["history"]) == results["total_steps"] >= 2
+  assert all(math.isfinite(h["loss"]) for h in results["history"])
   # tiny models embed the 30,522-token vocabulary in 32 dims: ~1M parameters, adapters ~10k
   if not METHODS[method].adapters:
     assert results["trainable_params"] > 900_000

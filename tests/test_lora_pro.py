@@ -636,14 +636,14 @@ def test_lorapro_equivalent_gradient_aligns_better_with_full_gradient():
   at every step; on average strictly closer."""
   from experiments.gradient_alignment import run, synthetic_task
   task = synthetic_task(n=32, n_in=8, n_out=6, rank=2, alpha=4.0)
-  results = run(task, steps=6, learning_rate=1e-2, methods=("lora", "lorapro_efficient"))
+  results = run(task, steps=6, learning_rate=1e-2, methods=("lora", "lora_pro"))
   for method, history in results.items():
     cos_lora, cos_pro = np.array(history["cos_lora"]), np.array(history["cos_lorapro"])
     assert np.all(cos_pro >= cos_lora - 1e-6), (method, cos_lora, cos_pro)
     assert cos_pro.mean() > cos_lora.mean() + 0.05, (method, cos_lora, cos_pro)
     assert np.all(cos_pro <= 1 + 1e-6)
   # both runs start from the same point: identical first loss and cosines
-  assert results["lora"]["loss"][0] == results["lorapro_efficient"]["loss"][0]
+  assert results["lora"]["loss"][0] == results["lora_pro"]["loss"][0]
 
 
 def test_linalg_zero_components_are_deflated_exactly():

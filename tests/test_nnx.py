@@ -435,3 +435,112 @@ def test_orbax_checkpoint_of_nnx_training_state_resumes_bit_identically(tmp_path
   for g, e in zip(got, expected):
     np.testing.assert_array_equal(g, e)
   assert int(resumed_opt.step[...]) == 8 and int(jnp.sum(resumed.hidden.lora_c[...] == 0)) >= 1
+
+
+# ------------------------------------------- PEFT export of an NNX model with Hugging Face names
+
+
+class Attention(nnx.Module):
+  def __init__(self, rngs):
+    self.q_proj, self.v_proj = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)
+
+
+class Feedforward(nnx.Module):
+  def __init__(self, rngs):
+    self.up_proj, self.down_proj = nnx.Linear(8, 12, rngs=rngs), nnx.Linear(12, 8, rngs=rngs)
+
+
+class Layer(nnx.Module):
+  def __init__(self, rngs):
+    self.self_attn, self.mlp = Attention(rngs), Feedforward(rngs)
+
+  def __call__(self, h):
+    h = h + self.self_attn.q_proj(h) * jax.nn.sigmoid(self.self_attn.v_proj(h))
+    return h + self.mlp.down_proj(jnp.tanh(self.mlp.up_proj(h)))
+
+
+class Inner(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([Layer(rngs) for _ in range(2)])
+
+
+class TinyDecoder(nnx.Module):
+  """Module names as Hugging Face's Llama: model.layers.{i}.self_attn.q_proj, ..., lm_head."""
+
+  def __init__(self, rngs):
+    self.model, self.lm_head = Inner(rngs), nnx.Linear(8, 5, rngs=rngs)
+
+  def __call__(self, h):
+    for layer in self.model.layers:
+      h = layer(h)
+    return self.lm_head(h)
+
+
+def torch_decoder(model):
+  """TinyDecoder in PyTorch, same module names, weights copied (Linear weight = kernelᵀ)."""
+  import torch
+
+  class TorchLayer(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.self_attn = torch.nn.Module()
+      self.self_attn.q_proj, self.self_attn.v_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+      self.mlp = torch.nn.Module()
+      self.mlp.up_proj, self.mlp.down_proj = torch.nn.Linear(8, 12), torch.nn.Linear(12, 8)
+
+    def forward(self, h):
+      h = h + self.self_attn.q_proj(h) * torch.sigmoid(self.self_attn.v_proj(h))
+      return h + self.mlp.down_proj(torch.tanh(self.mlp.up_proj(h)))
+
+  class TorchDecoder(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.model = torch.nn.Module()
+      self.model.layers = torch.nn.ModuleList([TorchLayer(), TorchLayer()])
+      self.lm_head = torch.nn.Linear(8, 5)
+
+    def forward(self, h):
+      for layer in self.model.layers:
+        h = layer(h)
+      return self.lm_head(h)
+
+  torch_model = TorchDecoder()
+  weights = {}
+  for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = ".".join(str(part) for part in path)
+    value = torch.tensor(np.asarray(leaf[...]))
+    weights[name.replace(".kernel", ".weight")] = value.T if name.endswith("kernel") else value
+  torch_model.load_state_dict(weights)
+  return torch_model.eval()
+
+
+def test_dynamic_rank_trained_nnx_model_exports_to_peft_with_pytorch_outputs(tmp_path):
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  from lorapro_jax.dynamic_rank import rank_pattern, shrink
+  from lorapro_jax.peft_format import export_peft
+
+  base = TinyDecoder(nnx.Rngs(0))
+  dynamic = DynamicRankConfig(STEPS, 2, interval=1)
+  config = dynamic.lora_config(LoRAConfig(alpha=6.0, targets=("q_proj", "v_proj", "up_proj",
+                                                                "down_proj")))
+  model = lnnx.inject(base, config, rngs=nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(9), (4, 8))
+  y = jax.random.normal(jax.random.key(10), (4, 5))
+  tx = optax.chain(lora_pro(5e-2, lnnx.scales(model)), dynamic_rank(dynamic))
+  opt = nnx_train(model, tx, x, y)
+  ours = np.asarray(model(x))
+  opt_state = nnx.as_pure(opt.opt_state)
+  ranks = rank_pattern(opt_state)
+  assert set(ranks) == {f"model.layers.{i}.{m}" for i in range(2) for m in (
+      "self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")}
+  assert sum(ranks.values()) == 8 * 2 and len(set(ranks.values())) > 1  # pruned unevenly
+  export_peft(shrink(lnnx.adapters(model), opt_state), config, tmp_path, family="llama",
+              ranks=ranks)
+  torch_model = torch_decoder(base)
+  with torch.no_grad():
+    before = torch_model(torch.tensor(np.asarray(x))).numpy()
+    assert np.abs(before - ours).max() > 1e-2  # the adapters move the outputs
+    loaded = peft.PeftModel.from_pretrained(torch_model, str(tmp_path))
+    np.testing.assert_allclose(loaded(torch.tensor(np.asarray(x))).numpy(), ours, rtol=0,
+                               atol=1e-5)

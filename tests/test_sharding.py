@@ -12,7 +12,8 @@ from lorapro_jax.lora import LoRAConfig
 from lorapro_jax.lora_pro import LoRAProFullState
 from lorapro_jax.sharding import (FSDP, batch_sharding, fsdp_spec, initialize_distributed,
                                   make_mesh, param_shardings, shard_batch, state_shardings)
-from lorapro_jax.train import TrainState, make_optimizer, make_train_step
+from lorapro_jax.methods import METHODS
+from lorapro_jax.train import TrainState, make_train_step
 
 MIN_SHARD = 64  # small enough that the toy kernels are split
 
@@ -45,8 +46,8 @@ def problem():
   # B = 0 at init would make the first LoRA-Pro steps trivially equal; start from a generic point
   trainable = jax.tree.map(lambda t: t + 0.1 * jax.random.normal(jax.random.key(2), t.shape),
                            trainable)
-  optimizer = make_optimizer("lora_pro_full", 1e-2, scale=config.scales(trainable),
-                             weight_decay=0.01)
+  optimizer = METHODS["lora_pro_full"].optimizer(1e-2, scale=config.scales(trainable),
+                                                 weight_decay=0.01)
   return model, base, trainable, optimizer, batches
 
 

@@ -141,6 +141,10 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
            norm_weight="weight", prepare=fix_t5_clip),
     Family("llama", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
            decoder_inputs, stack_container="layers", norm_weight="weight"),
+    # the other families of our decoder (lorapro_jax.models.decoder): Llama's module names
+    *(Family(name, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+             decoder_inputs, stack_container="layers", norm_weight="weight")
+      for name in ("mistral", "qwen2", "gemma")),
     Family("gpt2", GPT2_TARGETS, decoder_inputs, stack_container="h",
            transposed_kernels=GPT2_TARGETS),
 )}

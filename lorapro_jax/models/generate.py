@@ -113,6 +113,7 @@ def generate(model: nn.Module, params: Any, input_ids: jax.Array, *,
     eos_token_id: id(s) that end a row; later positions hold ``pad_token_id``.
     bucket: prompts are left-padded to a multiple of this many tokens (fewer compilations).
   """
+  decoder_config(model)  # fails early for a model without our KV cache
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0 or not 0 < top_p <= 1:

@@ -68,6 +68,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lorapro_jax.models.decoder import DecoderConfig, DecoderForCausalLM
+from lorapro_jax.models.families import Family, get_family
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -77,13 +78,21 @@ _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 _DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
-def hf_tensor_name(path: tuple[str, ...], layer: int | None = None) -> tuple[str, bool]:
+def hf_tensor_name(path: tuple[str, ...], layer: int | None = None,
+                   family: str | Family = "llama") -> tuple[str, bool]:
   """``(name, transposed)``: the Hugging Face tensor holding the leaf at ``path`` (layer ``layer``
-  of a stacked leaf), and whether it is stored transposed (``Linear`` weights)."""
+  of a stacked leaf, its index after the family's ``stack_container``), and whether it is stored
+  transposed (``Linear`` weights).
+
+  >>> hf_tensor_name(("model", "layers", "self_attn", "q_proj", "kernel"), 3)
+  ('model.layers.3.self_attn.q_proj.weight', True)
+  """
+  record = get_family(family)
   *module, leaf = path
-  if tuple(module[:2]) == STACK:
-    module = [*STACK, str(layer), *module[2:]]
-  name = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
+  if layer is not None:
+    at = module.index(record.stack_container) + 1
+    module = [*module[:at], str(layer), *module[at:]]
+  name = {"kernel": "weight", "embedding": "weight", record.norm_weight: "weight"}.get(leaf, leaf)
   return ".".join([*module, name]), leaf == "kernel"
 
 
@@ -120,35 +129,45 @@ def _set_layer(stacked, layer_value, layer):
 
 
 class _Reader:
-  """Opens each safetensors file once and hands out tensors as host (CPU) jax arrays."""
+  """Opens each safetensors file once; checks tensors against the layout and reads them as host
+  (CPU) arrays."""
 
-  def __init__(self, files: Mapping[str, str], directory: str):
-    self.files, self.directory = files, directory
+  def __init__(self, files: Mapping[str, str]):
+    self.files = files
     self.stack = contextlib.ExitStack()
     self.handles: dict[str, Any] = {}
     self.cpu = jax.devices("cpu")[0]
 
-  def read(self, name: str, shape: tuple[int, ...], transposed: bool, dtype) -> np.ndarray:
+  def _handle(self, name: str):
     from safetensors import safe_open
     file = self.files[name]
     if file not in self.handles:
       self.handles[file] = self.stack.enter_context(safe_open(file, framework="flax"))
-    stored = self.handles[file].get_slice(name)
-    stored_dtype, stored_shape = stored.get_dtype(), tuple(stored.get_shape())
-    want = shape[::-1] if transposed else shape
-    if stored_dtype not in _FLOAT_DTYPES:
-      raise ValueError(f"tensor {name} in {file} has dtype {stored_dtype}; expected a float "
-                       f"dtype ({', '.join(_FLOAT_DTYPES)}): quantised checkpoints are not "
-                       "supported")
-    if stored_shape != want:
-      raise ValueError(f"tensor {name} in {file} has shape {stored_shape}; the config "
-                       f"({os.path.join(self.directory, CONFIG)}) implies {want}")
+    return self.handles[file]
+
+  def problems(self, layout: Mapping[str, tuple[tuple[int, ...], bool]]) -> list[str]:
+    """What does not fit in ``{name: (our shape, transposed)}``, from the files' headers."""
+    found = []
+    for name, (shape, transposed) in layout.items():
+      stored = self._handle(name).get_slice(name)
+      stored_dtype, stored_shape = stored.get_dtype(), tuple(stored.get_shape())
+      want = shape[::-1] if transposed else shape
+      where = os.path.basename(self.files[name])
+      if stored_dtype not in _FLOAT_DTYPES:
+        found.append(f"tensor {name} in {where} has dtype {stored_dtype}; expected a float dtype "
+                     f"({', '.join(_FLOAT_DTYPES)}): quantised checkpoints are not supported")
+      elif stored_shape != want:
+        found.append(f"tensor {name} in {where} has shape {stored_shape}; the config implies "
+                     f"{want}")
+    return found
+
+  def read(self, name: str, transposed: bool, dtype) -> np.ndarray:
     with jax.default_device(self.cpu):  # bf16 needs the jax API; keep it in host memory
-      value = self.handles[file].get_tensor(name)
+      value = self._handle(name).get_tensor(name)
       value = (value.T if transposed else value).astype(dtype)
       if jnp.dtype(dtype) == jnp.float16 and not bool(jnp.isfinite(value).all()):
-        raise ValueError(f"tensor {name} ({stored_dtype}) overflows float16; load it with "
-                         "dtype=jnp.bfloat16 or jnp.float32")
+        raise ValueError(f"tensor {name} overflows float16; load it with dtype=jnp.bfloat16 or "
+                         "jnp.float32")
     return np.asarray(value)
 
 
@@ -202,7 +221,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, mesh: jax.sha
   for leaf_path in flat_shapes:
     stacked = tuple(leaf_path[:2]) == STACK
     for layer in (range(layers) if stacked else (None,)):
-      name, transposed = hf_tensor_name(leaf_path, layer)
+      name, transposed = hf_tensor_name(leaf_path, layer, config.family)
       needed[name] = (leaf_path, layer, transposed)
   missing = sorted(set(needed) - set(files))
   unused = sorted(n for n in set(files) - set(needed) if not _DERIVED.fullmatch(n))
@@ -217,24 +236,29 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, mesh: jax.sha
                       f"for{tied}: " + ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else ""))
     raise ValueError(f"checkpoint {directory} " + "; it ".join(problems))
 
-  reader = _Reader(files, directory)
+  reader = _Reader(files)
   params: dict = {}
   with reader.stack:
+    layout = {name: (flat_shapes[leaf_path].shape[1 if layer is not None else 0:], transposed)
+              for name, (leaf_path, layer, transposed) in needed.items()}
+    problems = reader.problems(layout)
+    if problems:
+      raise ValueError(f"checkpoint {directory} does not fit its config.json "
+                       f"({len(problems)} tensor(s)): " + "; ".join(problems[:8]))
     for leaf_path, shape in flat_shapes.items():  # unstacked leaves, and empty stacked buffers
       sharding = flat_shardings[leaf_path]
       if tuple(leaf_path[:2]) == STACK:
         params[leaf_path] = jax.jit(functools.partial(jnp.zeros, shape.shape, shape.dtype),
                                     out_shardings=sharding)()
       else:
-        name, transposed = hf_tensor_name(leaf_path)
-        params[leaf_path] = _place(reader.read(name, shape.shape, transposed, shape.dtype),
-                                   sharding)
+        name, transposed = hf_tensor_name(leaf_path, None, config.family)
+        params[leaf_path] = _place(reader.read(name, transposed, shape.dtype), sharding)
     for layer in range(layers):  # layer by layer, as sharded checkpoints group their files
       for leaf_path, shape in flat_shapes.items():
         if tuple(leaf_path[:2]) != STACK:
           continue
-        name, transposed = hf_tensor_name(leaf_path, layer)
-        value = reader.read(name, shape.shape[1:], transposed, shape.dtype)
-        placed = _place(value, _slice_sharding(flat_shardings[leaf_path]))
+        name, transposed = hf_tensor_name(leaf_path, layer, config.family)
+        placed = _place(reader.read(name, transposed, shape.dtype),
+                        _slice_sharding(flat_shardings[leaf_path]))
         params[leaf_path] = _set_layer(params[leaf_path], placed, layer)
   return model, traverse_util.unflatten_dict(params)

@@ -1,4 +1,5 @@
-"""Test-wide set-up: 8 fake CPU devices for sharding tests, offline hubs, a compilation cache."""
+"""Test-wide set-up (tests/ and the library's doctests): 8 fake CPU devices for sharding tests,
+offline hubs, a compilation cache."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -11,5 +12,5 @@ import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                 os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+                                 os.path.join(os.path.dirname(__file__), ".jax_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
