@@ -18,14 +18,20 @@ import argparse
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-# mode -> lora-pro-adamw's lorapro_mode (None: torch's fused AdamW)
-MODES = {"full": None, "lora": None, "lora_pro": "efficient", "lora_pro_full": "full"}
+class Peer(NamedTuple):
+  adapters: bool            # PEFT LoRA on a bf16 base (False: every weight trains, float32)
+  lorapro_mode: str | None  # lora-pro-adamw's mode (None: torch's fused AdamW)
+
+
+MODES = {"full": Peer(False, None), "lora": Peer(True, None),
+         "lora_pro": Peer(True, "efficient"), "lora_pro_full": Peer(True, "full")}
 
 
 def build(scale: str, mode: str, device: str):
@@ -39,7 +45,7 @@ def build(scale: str, mode: str, device: str):
   torch.manual_seed(0)
   with torch.device(device):  # initialise on the GPU: seconds instead of a minute on the host
     model = LlamaForCausalLM(config)
-  if mode == "full":
+  if not MODES[mode].adapters:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     return model, optimizer
   from peft import LoraConfig, get_peft_model
@@ -52,11 +58,12 @@ def build(scale: str, mode: str, device: str):
       if "lora_B" in name:
         p.normal_(0.0, 1e-3)
   trainable = [p for p in model.parameters() if p.requires_grad]
-  if MODES[mode] is None:
+  if MODES[mode].lorapro_mode is None:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device == "cuda")
   else:
     from lora_pro import LoRAProAdamW
-    optimizer = LoRAProAdamW(model, lr=1e-4, weight_decay=0.0, lorapro_mode=MODES[mode])
+    optimizer = LoRAProAdamW(model, lr=1e-4, weight_decay=0.0,
+                             lorapro_mode=MODES[mode].lorapro_mode)
   return model, optimizer
 
 
@@ -105,7 +112,7 @@ def main(argv=None):
   trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
   import transformers
   result = common.summarize(
-      times, scale=args.scale, train_base=args.mode == "full", device_name=name, peak_bytes=peak,
+      times, scale=args.scale, train_base=not MODES[args.mode].adapters, device_name=name, peak_bytes=peak,
       framework="torch", mode=args.mode, trainable_params=trainable, losses=losses,
       versions=dict(torch=torch.__version__, transformers=transformers.__version__))
   if not all(map(lambda x: x == x and abs(x) < 1e4, losses)):

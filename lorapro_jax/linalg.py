@@ -102,7 +102,7 @@ def refine_values(eig: PSDEigh, factor_norms: jax.Array) -> PSDEigh:
   >>> a = jnp.array([[[1.0, 1.0], [0.0, 1e-3]]])              # cond(AᵀA) = 4e6
   >>> eig = eigh_psd(a.mT @ a)
   >>> small = refine_values(eig, jnp.sum((a @ eig.vectors) ** 2, axis=-2)).values[0, 0]
-  >>> bool(abs(small / 5e-7 - 1) < 1e-3)                     # the exact smallest value is 5e-7 (to 1e-6)
+  >>> bool(abs(small / 5e-7 - 1) < 1e-3)                     # exact: 5e-7 (to 1e-6 relative)
   True
   """
   dead_weight = jnp.sum(jnp.where(eig.live[..., :, None], 0.0, eig.vectors ** 2), axis=-2)

@@ -273,7 +273,7 @@ def equivalent_gradient(a, b, grad_a, grad_b, scale, *, ridge=1e-8) -> jax.Array
   >>> a, b = jax.random.normal(keys[0], (5, 2)), jax.random.normal(keys[1], (2, 4))
   >>> g, s = jax.random.normal(keys[2], (5, 4)), 2.0
   >>> g_eq = equivalent_gradient(a, b, s * g @ b.T, s * a.T @ g, s)
-  >>> p_a, p_b = a @ jnp.linalg.pinv(a), jnp.linalg.pinv(b) @ b   # projectors onto A's and Bᵀ's span
+  >>> p_a, p_b = a @ jnp.linalg.pinv(a), jnp.linalg.pinv(b) @ b   # onto the spans of A and Bᵀ
   >>> bool(jnp.allclose(g_eq, p_a @ g + g @ p_b - p_a @ g @ p_b, atol=1e-4))
   True
   """
@@ -304,9 +304,11 @@ def _pair_paths(tree, keys: AdapterKeys, caller: str) -> list[Path]:
   paths = adapter_paths(tree, keys)
   if paths:
     return paths
-  lookalikes = [dotted(path) for path, _ in named_leaves(tree) if path and "lora" in path[-1].lower()]
+  lookalikes = [dotted(path) for path, _ in named_leaves(tree)
+                if path and "lora" in path[-1].lower()]
   hint = (f"; leaves named like adapters: {', '.join(lookalikes[:4])}"
-          f"{' ...' if len(lookalikes) > 4 else ''} — name them with keys=AdapterKeys(a=..., b=...) "
+          f"{' ...' if len(lookalikes) > 4 else ''} — name them with "
+          f"keys=AdapterKeys(a=..., b=...) "
           f"(PEFT's lora_A / lora_B are stored transposed: convert with lorapro_jax.import_peft)"
           if lookalikes else "")
   raise ValueError(f"{caller}: no LoRA pair in the tree (no mapping holds both {keys.a!r} and "
@@ -361,12 +363,14 @@ def lora_pro_project(scale, *, y: str = "sylvester", ridge=1e-8,
   >>> optimizer = optax.chain(lora_pro_project(2.0), optax.sgd(0.1))
   >>> updates, _ = optimizer.update(grads, optimizer.init(params), params)
   >>> node = params["dense"]
-  >>> expected = lora_pro_adjust(node["lora_a"], node["lora_b"], jnp.ones((3, 2)), jnp.ones((2, 4)), 2.0)
+  >>> expected = lora_pro_adjust(node["lora_a"], node["lora_b"], grads["dense"]["lora_a"],
+  ...                            grads["dense"]["lora_b"], 2.0)
   >>> bool(jnp.allclose(updates["dense"]["lora_a"], -0.1 * expected[0]))
   True
 
   Args:
-    scale: the LoRA scale s, one number or a tree mirroring the adapter nodes (``LoRAConfig.scales``).
+    scale: the LoRA scale s, one number or a tree mirroring the adapter nodes
+      (``LoRAConfig.scales``).
     y: "sylvester" or "zero" (see ``lora_pro_adjust``).
     ridge: δ of the ridge inverse.
     keys: key names of the factors inside adapter nodes.
@@ -569,7 +573,8 @@ def lora_pro_full(learning_rate, scale, *, b1=0.9, b2=0.999, eps=1e-8, weight_de
   >>> state = optimizer.init(params)
   >>> state[0].inner.mu["dense"].shape                  # full-rank first moment of g_eq
   (4, 3)
-  >>> factored = lora_pro_full(1e-3, 2.0, inner=optax.scale_by_factored_rms(min_dim_size_to_factor=2))
+  >>> factored_rms = optax.scale_by_factored_rms(min_dim_size_to_factor=2)
+  >>> factored = lora_pro_full(1e-3, 2.0, inner=factored_rms)
   >>> moments = factored.init(params)[0].inner              # O(n_in + n_out) memory
   >>> moments.v_row["dense"].shape, moments.v_col["dense"].shape
   ((3,), (4,))

@@ -33,15 +33,20 @@ also shapes the pruned adapters (initial rank ``ceil(1.5·r)``, gates ``lora_c``
 
 >>> import jax.numpy as jnp
 >>> from lorapro_jax.lora import LoRAConfig
->>> method = METHODS["lora_pro"]
->>> config = method.lora_config(LoRAConfig(rank=2, alpha=4.0, targets="dense"))
->>> params = {"dense": {"lora_a": jnp.ones((3, 2)), "lora_b": jnp.zeros((2, 4))}}
->>> optimizer = method.optimizer(1e-3, scale=config.scales(params))
->>> updates, state = optimizer.update(params, optimizer.init(params), params)
->>> METHODS["qlora"]
+>>> method = METHODS["lora_pro_dynamic_rank"]
+>>> dynamic = DynamicRankConfig(total_steps=100, target_rank=2, dem_weight=0.1)
+>>> lora = method.lora_config(LoRAConfig(rank=2, alpha=4.0, targets="dense"), dynamic)
+>>> lora.rank, lora.gated                       # starts at r' = ceil(1.5·2), with gates
+(3, True)
+>>> params = {"dense": {"lora_a": jnp.ones((5, 3)), "lora_b": jnp.ones((3, 4)),
+...                     "lora_c": jnp.zeros(3)}}
+>>> optimizer = method.optimizer(1e-3, scale=lora.scales(params), dynamic=dynamic)
+>>> type(optimizer.init(params)[-1]).__name__   # dynamic rank ends the chain
+'DynamicRankState'
+>>> METHODS["qlora"]  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-KeyError: "unknown method 'qlora'; expected one of ['full', 'lora', 'rslora', 'lora_pro', 'lora_pro_full', 'dynamic_rank', 'lora_pro_dynamic_rank']"
+KeyError: "unknown method 'qlora'; expected one of ['full', 'lora', 'rslora', ...]"
 """
 from __future__ import annotations
 

@@ -49,7 +49,6 @@ True
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax

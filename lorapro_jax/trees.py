@@ -182,10 +182,13 @@ def layout_differences(got: Any, expected: Any, *, got_name: str, expected_name:
   """One line per difference in the leaf paths, shapes and (with ``dtypes``) dtypes of two trees
   (or ``{path tuple: (shape, dtype)}`` maps); empty when they agree. Callers raise with it.
 
-  >>> layout_differences({"a": np.zeros(2), "b": np.zeros(1)},
-  ...                    {"a": np.zeros(3, np.float32), "c": np.zeros(1)},
-  ...                    got_name="checkpoint", expected_name="target")
-  ['c: missing from the checkpoint', 'b: in the checkpoint but not in the target', 'a: checkpoint (2,) float64 vs target (3,) float32']
+  >>> for line in layout_differences({"a": np.zeros(2), "b": np.zeros(1)},
+  ...                                 {"a": np.zeros(3, np.float32), "c": np.zeros(1)},
+  ...                                 got_name="checkpoint", expected_name="target"):
+  ...   print(line)
+  c: missing from the checkpoint
+  b: in the checkpoint but not in the target
+  a: checkpoint (2,) float64 vs target (3,) float32
   """
   have, want = _layout(got), _layout(expected)
   name = lambda path: dotted(tuple(map(str, path))) or "<root>"  # noqa: E731

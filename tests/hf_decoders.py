@@ -23,8 +23,8 @@ CASES = {
         rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False),
     "llama2_tied_bias": lambda: T.LlamaConfig(
         vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=6, rope_scaling={"type": "linear", "factor": 2.0},
-        attention_bias=True, mlp_bias=True, rms_norm_eps=1e-6, max_position_embeddings=64,
+        num_attention_heads=6, num_key_value_heads=6,
+        rope_scaling={"type": "linear", "factor": 2.0}, attention_bias=True, mlp_bias=True, rms_norm_eps=1e-6, max_position_embeddings=64,
         tie_word_embeddings=True),
     "mistral": lambda: T.MistralConfig(
         vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,

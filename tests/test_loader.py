@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hf_decoders import CASES, left_padded, to_ours, torch_logits, torch_model
+from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from lorapro_jax.models import load_pretrained
@@ -93,6 +94,12 @@ def test_load_onto_a_mesh(saved):
   ids = np.random.default_rng(6).integers(0, model.config.vocab_size, (2, 9))
   np.testing.assert_allclose(jax.jit(model.apply)({"params": sharded}, ids),
                              jax.jit(model.apply)({"params": single}, ids), atol=1e-5, rtol=0)
+  replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), single)  # shardings= wins
+  _, placed = load_pretrained(directory, mesh=mesh, shardings=replicated)
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(placed))
+  with pytest.raises(ValueError, match=r"shardings do not have the structure of the params; "
+                                       r"differing paths: lm_head.kernel"):
+    load_pretrained(directory, shardings={"model": replicated["model"]})
 
 
 def _rewrite(directory, change_tensors=None, change_config=None):

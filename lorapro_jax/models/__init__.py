@@ -1,6 +1,6 @@
 """Models: our decoder family (Llama 2/3.x, Mistral, Qwen2, Gemma) loaded from Hugging Face
-checkpoints, with KV-cache generation; one record per model family (``families``) and LoRA presets (``presets``).
-Importing this package imports no transformers code."""
+checkpoints, with KV-cache generation; one record per model family (``families``) and LoRA
+presets (``presets``). Importing this package imports no transformers code."""
 from lorapro_jax.models.families import FAMILIES, Family, fix_t5_clip, get_family
 from lorapro_jax.models.presets import hf_example_inputs, preset
 from lorapro_jax.models.decoder import (Decoder, DecoderConfig, DecoderForCausalLM, KVCache,

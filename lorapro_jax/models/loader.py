@@ -67,6 +67,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lorapro_jax.adapters import dotted
 from lorapro_jax.models.decoder import DecoderConfig, DecoderForCausalLM
 from lorapro_jax.models.families import Family, get_family
 
@@ -213,7 +214,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, mesh: jax.sha
   if set(flat_shardings) != set(flat_shapes):
     differing = sorted(set(flat_shardings) ^ set(flat_shapes))
     raise ValueError("shardings do not have the structure of the params; differing paths: "
-                     + ", ".join("/".join(p) for p in differing[:10]))
+                     + ", ".join(dotted(p) for p in differing[:10]))
 
   files = _weight_files(directory)
   layers = config.num_layers
