@@ -45,6 +45,7 @@ from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step,  # noq
 from lorapro_jax.trees import count_params  # noqa: E402
 
 TINY_LENGTH = 16
+TINY_BATCH = 4  # --tiny's default batch: tfds mock data gives 16 rows, the configs ask 32+
 
 
 class Task(NamedTuple):
@@ -370,7 +371,7 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   else:
     task = TASKS[config.family](config, tiny=tiny, random_init=random_init, seed=seed,
                                 max_examples=max_examples)
-  batch = batch_size or config.batch_size
+  batch = batch_size or (TINY_BATCH if tiny else config.batch_size)
   steps_per_epoch = max(1, len(next(iter(task.train.values()))) // batch)
   total_steps = math.ceil(config.epochs * steps_per_epoch)
   if max_steps is not None:
@@ -452,7 +453,7 @@ def main(argv=None) -> None:
   parser.add_argument("--mock-data", action="store_true", help="tfds mock data (no download)")
   parser.add_argument("--max-steps", type=int, help="shorten the schedule to this many steps")
   parser.add_argument("--stop-after", type=int, help="stop at this step (resume later)")
-  parser.add_argument("--batch-size", type=int)
+  parser.add_argument("--batch-size", type=int, help="default: the config's (--tiny: 4)")
   parser.add_argument("--max-examples", type=int)
   parser.add_argument("--mesh", help="data,fsdp device mesh, e.g. 2,4 (default: one device)")
   args = parser.parse_args(argv)

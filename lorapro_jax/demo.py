@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -38,7 +38,7 @@ from lorapro_jax.data.batching import BatchIterator, eval_batches, tokenize
 from lorapro_jax.data.vader import vader_sentiment
 from lorapro_jax.dynamic_rank import DynamicRankConfig, rank_pattern
 from lorapro_jax.lora import LoRAConfig
-from lorapro_jax.methods import METHODS
+from lorapro_jax.methods import METHODS, Method
 from lorapro_jax.schedules import make_schedule
 from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step, make_train_step,
                                write_json)
@@ -81,7 +81,8 @@ class SentenceClassifier(nn.Module):
     return nn.Dense(self.num_labels, name="classifier")(pooled.astype(jnp.float32))
 
 
-def _inputs(batch):
+def classifier_inputs(batch: dict) -> tuple:
+  """The positional inputs of :class:`SentenceClassifier` from a tokenised batch."""
   return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
@@ -97,29 +98,40 @@ def prepare_data(max_length: int = 8) -> tuple[dict, dict, Any]:
   return arrays[0], arrays[1], tokenizer
 
 
+class MethodSetup(NamedTuple):
+  """One method of the table on the encoder with a new head, ready for an optimizer."""
+
+  method: Method
+  model: nn.Module                         # SentenceClassifier, adapters injected
+  base: Any                                # frozen params (None: full fine-tuning)
+  trainable: Any                           # adapters + head, or every param
+  scale: Any                               # the LoRA scales (None: full fine-tuning)
+  dynamic: DynamicRankConfig | None        # the pruning methods' config
+
+
 def build_method(name: str, encoder: nn.Module, encoder_params: Any, example: dict,
-                 total_steps: int, rng: jax.Array):
-  """(model, base, trainable, optimizer, regularizer, schedule) of one method of the table."""
+                 total_steps: int, rng: jax.Array, *, num_labels: int = 2) -> MethodSetup:
+  """Method ``name`` of the table on ``encoder`` with a new linear head of ``num_labels``
+  outputs: LoRA r = 8 (dynamic rank: from 12 to 8, DEM weight 0.1), alpha 16, on ``TARGETS``; the
+  head trains in every method (``modules_to_save``)."""
   method = METHODS[name]
   head_rng, adapter_rng = jax.random.split(rng)
-  schedule = make_schedule("linear", LEARNING_RATES[name], total_steps, warmup_ratio=0.06)
-  plain = SentenceClassifier(encoder)
-  head = plain.init(head_rng, *_inputs(example))["params"]["classifier"]
+  plain = SentenceClassifier(encoder, num_labels)
+  head = plain.init(head_rng, *classifier_inputs(example))["params"]["classifier"]
   params = {"encoder": encoder_params, "classifier": head}
   dynamic = (DynamicRankConfig(total_steps=total_steps, target_rank=RANK, dem_weight=DEM_WEIGHT)
              if method.prunes else None)
-  # the head is new: trained in every method (modules_to_save), never frozen
   lora = method.lora_config(LoRAConfig(rank=RANK, alpha=16.0, targets=TARGETS,
                                        modules_to_save=("classifier",)), dynamic)
-  model, base, trainable = method.prepare(plain, params, lora, adapter_rng, *_inputs(example))
-  scale = None if lora is None else lora.scales(trainable)
-  optimizer = method.optimizer(schedule, scale=scale, dynamic=dynamic)
-  return model, base, trainable, optimizer, method.regularizer(dynamic), schedule
+  model, base, trainable = method.prepare(plain, params, lora, adapter_rng,
+                                          *classifier_inputs(example))
+  return MethodSetup(method, model, base, trainable,
+                     None if lora is None else lora.scales(trainable), dynamic)
 
 
 def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 200,
-        batch_size: int = 32, eval_every: int = 50, max_length: int = 8, seed: int = 0, progress: bool = True,
-        quick: bool = False) -> dict[str, Any]:
+        batch_size: int = 32, eval_every: int = 50, max_length: int = 8, seed: int = 0,
+        progress: bool = True, quick: bool = False) -> dict[str, Any]:
   """Trains every method, writes the outputs, returns the results table as a dict."""
   from transformers import FlaxBertModel
   unknown = [m for m in methods if m not in LEARNING_RATES]
@@ -136,21 +148,25 @@ def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 
   rows, curves, ranks = {}, {}, {}
   for method in methods:
     started = time.perf_counter()
-    model, base, trainable, optimizer, regularizer, schedule = build_method(
-        method, pretrained.module, pretrained.params, example, steps, jax.random.key(seed))
+    setup = build_method(method, pretrained.module, pretrained.params, example, steps,
+                         jax.random.key(seed))
+    model, base = setup.model, setup.base
+    schedule = make_schedule("linear", LEARNING_RATES[method], steps, warmup_ratio=0.06)
+    optimizer = setup.method.optimizer(schedule, scale=setup.scale, dynamic=setup.dynamic)
 
     def loss_fn(params, batch, rng, model=model):
       del rng
-      logits = model.apply({"params": params}, *_inputs(batch))
+      logits = model.apply({"params": params}, *classifier_inputs(batch))
       log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
       return -jnp.mean(jnp.take_along_axis(log_probs, batch["labels"][:, None], 1)), logits
 
     def predict_fn(params, batch, model=model):
-      logits = model.apply({"params": params}, *_inputs(batch))
+      logits = model.apply({"params": params}, *classifier_inputs(batch))
       return {"predictions": jnp.argmax(logits, -1)}
 
-    state = TrainState.create(trainable, optimizer, jax.random.key(seed))
-    train_step = make_train_step(loss_fn, optimizer, regularizer=regularizer)
+    state = TrainState.create(setup.trainable, optimizer, jax.random.key(seed))
+    train_step = make_train_step(loss_fn, optimizer,
+                                 regularizer=setup.method.regularizer(setup.dynamic))
     eval_step = make_eval_step(predict_fn)
     state, results = fit(
         state, base, train_step, BatchIterator(train, batch_size, seed=seed), steps,
@@ -167,7 +183,7 @@ def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 
         "ms_per_step": results["ms_per_step"], "seconds": time.perf_counter() - started,
         "lr": LEARNING_RATES[method], "evaluations": results["evaluations"]}
     curves[method] = [(h["step"], h["loss"]) for h in results["history"]]
-    if METHODS[method].prunes:
+    if setup.method.prunes:
       ranks[method] = rank_pattern(state.opt_state)
     del state
     payload = {"task": "VADER word sentiment (|mean| >= 0.5), 20% seeded dev split",

@@ -17,14 +17,15 @@ Each adapted kernel is a sum of r' rank-1 components (layout of ``lorapro_jax.ad
 with r' = ceil(1.5·r) for a target rank r (``initial_rank_factor``).
 
 **Importance** (``score="norm_ratio"``, the paper's): the share of component i in ΔK,
-``s_i = |c_i|·‖A[:, i]‖·‖B[i, :]‖ / (‖A·diag(c)·B‖_F + 1e-8)``. With the thin QR factorisations
-``A = Q_A·R_A`` and ``Bᵀ = Q_B·R_B`` the denominator is ``‖R_A·diag(c)·R_Bᵀ‖_F`` (Q_A and Q_B
-have orthonormal columns): O(n·r'²) work, no n_in×n_out product, and accurate in float32 even when
-components nearly cancel (the Gram expansion ``cᵀ((AᵀA)∘(BBᵀ))c`` squares the condition number and
-loses exactly that case). ``score="sensitivity"`` is AdaLoRA's alternative ``Σ |θ·g|`` over the
-component's parameters. Scores are smoothed by an EMA ``S ← β·S + (1−β)·s`` (from 0, no bias
-correction), from the parameters *after* each step's update (the reference calls its allocator
-right after ``optimizer.step()``), on every step up to the last pruning event.
+``s_i = |c_i|·‖A[:, i]‖·‖B[i, :]‖ / (‖A·diag(c)·B‖_F + 1e-8)``. With the QR factorisation
+``A = Q_A·R_A`` (modified Gram-Schmidt; Q_A has orthonormal columns) the denominator is
+``‖R_A·diag(c)·B‖_F`` (or the same from ``Bᵀ``, whichever side is shorter): O(n·r'²) work, no
+n_in×n_out product, and accurate in float32 even when components nearly cancel (the Gram
+expansion ``cᵀ((AᵀA)∘(BBᵀ))c`` squares the condition number and loses exactly that case).
+``score="sensitivity"`` is AdaLoRA's alternative ``Σ |θ·g|`` over the component's parameters.
+Scores are smoothed by an EMA ``S ← β·S + (1−β)·s`` (from 0, no bias correction), from the
+parameters *after* each step's update (the reference calls its allocator right after
+``optimizer.step()``), on every step up to the last pruning event.
 
 **Schedule**, the official code's rule (``Finetune_Utils.py``, ``get_prune_step``), evaluated in
 the same floating point: for the 1-based step t of T, the pruning step is
@@ -249,7 +250,7 @@ class DynamicRankConfig:
     the reference), dropout, ... stay ``base``'s."""
     if base.rank_pattern:
       raise ValueError(f"the base LoRAConfig has rank_pattern {base.rank_pattern}: with dynamic "
-                       f"rank the ranks come from DynamicRankConfig.target_rank (give it a mapping)")
+                       f"rank the ranks come from DynamicRankConfig.target_rank (a mapping)")
     if not isinstance(self.target_rank, Mapping):
       return dataclasses.replace(base, rank=self.initial_rank(), gated=self.gated)
     ranks = {path: math.ceil(self.initial_rank_factor * r) for path, r in self.target_rank.items()}
@@ -315,11 +316,25 @@ class DynamicRankState(NamedTuple):
 
 
 def _r_factor(x: jax.Array) -> jax.Array:
-  """R of the thin QR ``x = Q·R`` of (*stack, n, r) ``x``: shape (*stack, min(n, r), r).
+  """R (*stack, r, r) of ``x = Q·R`` for (*stack, n, r) ``x`` with orthonormal Q, never formed.
 
-  geqrf alone (``mode="raw"``) leaves R in the upper triangle; Q is never formed."""
-  packed, _ = jnp.linalg.qr(x, mode="raw")          # (*stack, r, n): the packed factors, transposed
-  return jnp.triu(packed.mT[..., :min(x.shape[-2:]), :])
+  Modified Gram-Schmidt: its R is backward stable column by column (Björck and Paige 1992: MGS is
+  Householder QR of ``[0; x]``), which is all the score needs; the computed Q's loss of
+  orthogonality does not matter since Q is not used. Zero columns (pruned plain components) give
+  zero rows. In jnp rather than LAPACK's geqrf: several geqrf calls running concurrently inside
+  one XLA CPU program can hang.
+  """
+  rank = x.shape[-1]
+  columns = jnp.arange(rank)
+  rest, rows = x, []
+  for j in range(rank):  # unrolled: r' is small, and XLA fuses each step's two passes over x
+    v = rest[..., :, j]
+    norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+    u = v / jnp.where(norm > 0, norm, 1.0)
+    row = jnp.where(columns >= j, jnp.einsum("...n,...nk->...k", u, rest), 0.0)
+    rest = rest - u[..., :, None] * jnp.where(columns > j, row, 0.0)[..., None, :]
+    rows.append(row)
+  return jnp.stack(rows, axis=-2)
 
 
 def norm_ratio_scores(a: jax.Array, b: jax.Array, c: jax.Array | None = None) -> jax.Array:
@@ -327,8 +342,9 @@ def norm_ratio_scores(a: jax.Array, b: jax.Array, c: jax.Array | None = None) ->
 
   DoRA dynamic rank's importance (Mao et al. 2024; not weight-decomposed DoRA): the Frobenius norm
   of component i relative to the whole update, ``‖ΔK_i‖_F / ‖ΔK‖_F`` (the scale s cancels). With
-  ``A = Q_A·R_A``, ``Bᵀ = Q_B·R_B`` (thin QR), ``‖A·diag(c)·B‖_F = ‖R_A·diag(c)·R_Bᵀ‖_F``: O(n·r²),
-  backward stable, so nearly cancelling components keep float32 accuracy. ``c=None``: c = 1.
+  ``A = Q_A·R_A`` (Q_A orthonormal), ``‖A·diag(c)·B‖_F = ‖R_A·diag(c)·B‖_F`` (or the same with
+  ``Bᵀ = Q_B·R_B`` when n_out < n_in): O(n·r²), backward stable, so nearly cancelling components
+  keep float32 accuracy. ``c=None``: c = 1.
 
   >>> a, b = jnp.eye(3, 2), jnp.eye(2, 4)            # two orthogonal unit components
   >>> [round(float(s), 6) for s in norm_ratio_scores(a, b, jnp.array([3.0, 4.0]))]  # 3/5, 4/5
@@ -336,7 +352,11 @@ def norm_ratio_scores(a: jax.Array, b: jax.Array, c: jax.Array | None = None) ->
   """
   a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
   c32 = jnp.ones(a.shape[:-2] + a.shape[-1:], jnp.float32) if c is None else c.astype(jnp.float32)
-  core = (_r_factor(a32) * c32[..., None, :]) @ _r_factor(b32.mT).mT
+  # One factorisation suffices (‖Q·M‖_F = ‖M‖_F): of the shorter side, the other is multiplied.
+  if a.shape[-2] <= b.shape[-1]:
+    core = (_r_factor(a32) * c32[..., None, :]) @ b32                 # R_A·diag(c)·B
+  else:
+    core = (a32 * c32[..., None, :]) @ _r_factor(b32.mT).mT           # A·diag(c)·R_Bᵀ
   total = jnp.sqrt(jnp.sum(jnp.square(core), axis=(-2, -1)))
   component = (jnp.abs(c32) * jnp.linalg.norm(a32, axis=-2) * jnp.linalg.norm(b32, axis=-1))
   return component / (total[..., None] + NORM_EPS)
@@ -707,13 +727,14 @@ def plot_rank_heatmap(rank_pattern_or_state: Any, *, cell=None, title: str | Non
   """A heatmap of live ranks, matrix types × layers, like Figure 2 of Mao et al. 2024.
 
   DoRA dynamic rank (not weight-decomposed DoRA). Takes a ``rank_pattern`` dict, or anything
-  :func:`rank_pattern` reads (an optimizer state, a tree of masks). By default the layer is the first integer element of a dotted path and the
-  matrix type its last element, lengthened to the shortest unambiguous suffix where the last
-  element repeats (BERT: ``query``, ``attention.output.dense``, ``intermediate.dense``,
-  ``output.dense``); where several prefixes carry layer numbers (T5's ``encoder.block.0`` and
-  ``decoder.block.0``) the prefix is part of the layer label. Stacked entries (lists) take the layer
-  from the position in the list. ``cell(path) -> (layer, matrix_type)`` overrides all this. Returns
-  a ``matplotlib.figure.Figure`` (no pyplot state is touched).
+  :func:`rank_pattern` reads (an optimizer state, a tree of masks). By default the layer is the
+  first integer element of a dotted path and the matrix type its last element, lengthened to the
+  shortest unambiguous suffix where the last element repeats (BERT: ``query``,
+  ``attention.output.dense``, ``intermediate.dense``, ``output.dense``); where several prefixes
+  carry layer numbers (T5's ``encoder.block.0`` and ``decoder.block.0``) the prefix is part of the
+  layer label. Stacked entries (lists) take the layer from the position in the list.
+  ``cell(path) -> (layer, matrix_type)`` overrides all this. Returns a
+  ``matplotlib.figure.Figure`` (no pyplot state is touched).
   """
   from matplotlib.figure import Figure  # a plotting dependency only where a plot is drawn
 

@@ -37,6 +37,7 @@ kernel ``K0 + s*A@B`` is never formed)::
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -155,11 +156,22 @@ class LoRAModel(nn.Module):
   def __call__(self, *args, **kwargs):
     return self.run("__call__", *args, **kwargs)
 
-  def run(self, method: str, *args, **kwargs):
-    """Runs ``module.<method>`` with adapters: ``model.apply(v, "encode", ids, method="run")``."""
+  def run(self, method: str | Callable[..., Any], *args, **kwargs):
+    """Runs ``module.<method>(*args, **kwargs)`` (a method name) or ``method(module, *args,
+    **kwargs)`` (a function, flax's ``method=`` convention) with adapters:
+    ``model.apply(v, lambda m, ids: m._get_encoder_module()(ids), ids, method="run")`` runs a
+    Hugging Face T5's encoder alone (``encode`` belongs to the ``FlaxT5PreTrainedModel``
+    wrapper, not to its linen module)."""
+    if not callable(method):
+      if not callable(getattr(type(self.module), method, None)):
+        raise AttributeError(
+            f"{type(self.module).__name__} has no method {method!r}; pass a method name of the "
+            "linen module or a function fn(module, *args, **kwargs) (HF wrapper methods such as "
+            "'encode' are not the module's)")
+      method = getattr(type(self.module), method)
     seen: list = []
     with nn.intercept_methods(functools.partial(_adapt, self.lora, seen)):
-      out = getattr(self.module, method)(*args, **kwargs)
+      out = method(self.module, *args, **kwargs)
     check_matches(self.lora, seen)
     return out
 

@@ -36,8 +36,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -53,6 +55,13 @@ INITS = ("standard", "gaussian")
 # components is one of these names (HF Flax's LM, classification, QA and pre-training heads).
 OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls")
 GATED_INIT_STDDEV = 0.02  # AdaLoRA / dynamic-rank reference: A, B ~ N(0, 0.02^2), c = 0
+# PEFT's ``LoraConfig`` names of our fields (``rank_pattern``, ``alpha_pattern`` and
+# ``modules_to_save`` are spelled alike). The constructor takes either name and keeps ours.
+PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout",
+              "use_rslora": "rslora", "target_modules": "targets"}
+# PEFT's defaults for the fields an adapter_config.json may omit (PEFT's lora_alpha is 8, ours 16).
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False}
+PEFT_INITS = {True: "standard", "gaussian": "gaussian"}  # init_lora_weights -> LoRAConfig.init
 
 
 def path_matches(pattern: str, path: Path) -> bool:
@@ -77,10 +86,21 @@ def _first_match(patterns: Mapping[str, Any], path: Path) -> Any:
 
 
 def _as_patterns(value: Any, field: str) -> tuple[str, ...]:
-  patterns = (value,) if isinstance(value, str) else tuple(value)
+  if isinstance(value, str):
+    patterns = (value,)
+  elif isinstance(value, (set, frozenset)):  # PEFT keeps target_modules as a set
+    patterns = tuple(sorted(value, key=str))
+  elif isinstance(value, Sequence):
+    patterns = tuple(value)
+  else:
+    raise ValueError(f"LoRAConfig.{field} must be a pattern string or a sequence of them, got "
+                     f"{value!r}")
   for pattern in patterns:
     if not isinstance(pattern, str) or not pattern:
       raise ValueError(f"LoRAConfig.{field} entries must be non-empty strings, got {pattern!r}")
+    if pattern == ALL_LINEAR and field != "targets":
+      raise ValueError(f"LoRAConfig.{field}: {ALL_LINEAR!r} is a value of targets only; name "
+                       "the layers")
     if pattern.startswith(REGEX_PREFIX):
       try:
         re.compile(pattern[len(REGEX_PREFIX):])
@@ -89,9 +109,45 @@ def _as_patterns(value: Any, field: str) -> tuple[str, ...]:
   return patterns
 
 
-@dataclasses.dataclass(frozen=True)
+def _as_mapping(value: Any, field: str) -> dict:
+  if not isinstance(value, Mapping):
+    raise ValueError(f"LoRAConfig.{field} must be a mapping {{pattern: value}}, got {value!r}")
+  _as_patterns(tuple(value), field)
+  return dict(value)
+
+
+def _our_names(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """``kwargs`` with PEFT's names (``PEFT_NAMES``) replaced by ours; a PEFT ``target_modules``
+  string is a regex over the whole module name, as in PEFT (``"all-linear"`` excepted)."""
+  out = dict(kwargs)
+  for peft_name, name in PEFT_NAMES.items():
+    if peft_name not in out:
+      continue
+    if name in out:
+      raise TypeError(f"LoRAConfig got both {name}={out[name]!r} and PEFT's "
+                      f"{peft_name}={out[peft_name]!r}: they are one setting, give one")
+    value = out.pop(peft_name)
+    if peft_name == "target_modules" and isinstance(value, str) and value != ALL_LINEAR:
+      value = REGEX_PREFIX + value
+    out[name] = value
+  return out
+
+
+@dataclasses.dataclass(frozen=True, init=False)
 class LoRAConfig:
   """What to adapt and how.
+
+  Keyword arguments only: the fields below, or PEFT's names for five of them (``PEFT_NAMES``:
+  ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``target_modules``, where, as in
+  PEFT, one ``target_modules`` string is a regex over the whole dotted path). The config keeps
+  our names only, so ``LoRAConfig(r=8, lora_alpha=16)`` equals ``LoRAConfig(rank=8, alpha=16)``;
+  both spellings of one field at once raise. :meth:`from_peft` reads a PEFT
+  ``adapter_config.json``.
+
+  >>> LoRAConfig(r=4, lora_alpha=8, target_modules="query|value").targets
+  ('re:query|value',)
+  >>> LoRAConfig(r=4, lora_alpha=8) == LoRAConfig(rank=4, alpha=8.0)
+  True
 
   Attributes:
     rank: adapter rank ``r`` (> 0, at most ``min(n_in, n_out)`` of each adapted kernel).
@@ -108,7 +164,7 @@ class LoRAConfig:
     gated: add gates ``lora_c`` (``dK = s * A diag(c) B``, the dynamic-rank parametrisation).
     init: ``"standard"``: A Kaiming-uniform (bound ``1/sqrt(n_in)``, PEFT's default), B = 0; when
       gated, A and B ~ N(0, 0.02^2) and c = 0. ``"gaussian"``: A ~ N(0, 1/r^2), B as in standard.
-    param_dtype: dtype of the adapter leaves.
+    param_dtype: floating dtype of the adapter leaves.
     modules_to_save: patterns of param subtrees trained in full (e.g. ``"classifier"``).
     transposed_kernels: patterns of layers that store their kernel as ``(n_out, n_in)`` (Hugging
       Face's ``FlaxConv1D`` in GPT-2); :func:`lorapro_jax.trees.merge` needs this to fold the
@@ -129,12 +185,34 @@ class LoRAConfig:
   modules_to_save: str | Sequence[str] = ()
   transposed_kernels: str | Sequence[str] = ()
 
-  def __post_init__(self):
+  def __init__(self, **kwargs: Any):
+    kwargs = _our_names(kwargs)
+    fields = dataclasses.fields(self)
+    unknown = sorted(set(kwargs) - {field.name for field in fields})
+    if unknown:
+      raise TypeError(f"LoRAConfig got unknown keyword(s) {unknown}; expected "
+                      f"{[field.name for field in fields]} or PEFT's {list(PEFT_NAMES)}")
+    for field in fields:
+      if field.name in kwargs:
+        value = kwargs[field.name]
+      elif field.default is not dataclasses.MISSING:
+        value = field.default
+      else:
+        value = field.default_factory()
+      object.__setattr__(self, field.name, value)  # frozen: the one way to set a field
+    self._check_and_normalise()
+
+  def _check_and_normalise(self) -> None:
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-    _check_rank(self.rank, "rank")
-    _check_alpha(self.alpha, "alpha")
-    if not 0.0 <= float(self.dropout) < 1.0:
-      raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+    set_("rank", _check_rank(self.rank, "rank"))
+    set_("alpha", _check_alpha(self.alpha, "alpha"))
+    for name in ("rslora", "gated"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
+    if (isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real)
+        or not 0.0 <= self.dropout < 1.0):
+      raise ValueError(f"LoRAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+    set_("dropout", float(self.dropout))
     if self.init not in INITS:
       raise ValueError(f"LoRAConfig.init must be one of {INITS}, got {self.init!r}")
     targets = _as_patterns(self.targets, "targets")
@@ -143,16 +221,20 @@ class LoRAConfig:
     set_("targets", targets)
     for name in ("exclude", "modules_to_save", "transposed_kernels"):
       set_(name, _as_patterns(getattr(self, name), name))
-    set_("rank_pattern", dict(self.rank_pattern))
-    set_("alpha_pattern", dict(self.alpha_pattern))
-    _as_patterns(tuple(self.rank_pattern) + tuple(self.alpha_pattern), "rank/alpha_pattern")
-    for pattern, rank in self.rank_pattern.items():
-      _check_rank(rank, f"rank_pattern[{pattern!r}]")
-    for pattern, alpha in self.alpha_pattern.items():
-      _check_alpha(alpha, f"alpha_pattern[{pattern!r}]")
-    set_("alpha", float(self.alpha))
-    set_("dropout", float(self.dropout))
-    set_("param_dtype", jnp.dtype(self.param_dtype))
+    set_("rank_pattern", {pattern: _check_rank(rank, f"rank_pattern[{pattern!r}]")
+                          for pattern, rank in _as_mapping(self.rank_pattern,
+                                                           "rank_pattern").items()})
+    set_("alpha_pattern", {pattern: _check_alpha(alpha, f"alpha_pattern[{pattern!r}]")
+                           for pattern, alpha in _as_mapping(self.alpha_pattern,
+                                                             "alpha_pattern").items()})
+    try:
+      dtype = jnp.dtype(self.param_dtype)
+    except TypeError:
+      dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"LoRAConfig.param_dtype must be a floating dtype (float32, bfloat16, "
+                       f"...), got {self.param_dtype!r}")
+    set_("param_dtype", dtype)
 
   def __hash__(self):
     return hash(json.dumps(self.to_dict(), sort_keys=True))
@@ -213,6 +295,87 @@ class LoRAConfig:
   def from_dict(cls, data: Mapping[str, Any]) -> LoRAConfig:
     return cls(**data)
 
+  @classmethod
+  def from_peft(cls, source: str | os.PathLike | Mapping[str, Any], *, prefix: str = "",
+                **overrides: Any) -> LoRAConfig:
+    r"""The config of a PEFT LoRA adapter: its ``adapter_config.json`` (the file or the adapter
+    directory) or a dict of PEFT's ``LoraConfig`` fields (``peft_config.to_dict()``).
+
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``target_modules`` and
+    ``modules_to_save`` map to our fields (PEFT's defaults for those left out: ``r`` 8,
+    ``lora_alpha`` 8); ``exclude_modules`` to ``exclude``; ``fan_in_fan_out`` lists the targets
+    in ``transposed_kernels``; ``init_lora_weights`` ``True`` / ``"gaussian"`` to ``init``.
+    PEFT matches the module names of the PyTorch model, we match Flax paths from the tree's root:
+    names lose ``prefix`` (as in :func:`lorapro_jax.peft_format.import_peft`), and one
+    ``target_modules`` string is a regex over the whole path. ``rank_pattern`` / ``alpha_pattern``
+    keys keep PEFT's rule (a regex matching the end of the name at a component boundary): a plain
+    dotted name stays a suffix pattern, any other key becomes ``"re:(?:.*\.)?(?:<key>)"``.
+    ``overrides`` (our names or PEFT's) replace fields, e.g. ``gated=True``. What we cannot
+    honour raises: ``use_dora``, ``bias`` other than ``"none"``, ``layers_to_transform``,
+    another ``init_lora_weights``, ``target_modules`` left to PEFT's per-model defaults.
+
+    >>> config = LoRAConfig.from_peft({"r": 16, "target_modules": ["q_proj", "v_proj"],
+    ...                                "rank_pattern": {"layers.0.self_attn.q_proj": 4,
+    ...                                                 "k_proj|v_proj": 2}})
+    >>> config.rank, config.alpha, config.targets
+    (16, 8.0, ('q_proj', 'v_proj'))
+    >>> config.rank_pattern
+    {'layers.0.self_attn.q_proj': 4, 're:(?:.*\\.)?(?:k_proj|v_proj)': 2}
+    >>> config.rank_for(("model", "layers", "0", "self_attn", "q_proj"))
+    4
+    """
+    from lorapro_jax import peft_format  # it builds on this module
+    if isinstance(source, Mapping):
+      peft = {"peft_type": "LORA", **source}
+      peft_format.check_peft_config(peft, where="PEFT config")
+    else:
+      peft = peft_format.read_peft_config(source)
+    peft = {**PEFT_DEFAULTS, **peft}
+
+    def strip(name: Any) -> Any:
+      return name[len(prefix):] if isinstance(name, str) and name.startswith(prefix) else name
+
+    def patterns(names: Any) -> Any:
+      if names is None or names == ALL_LINEAR:
+        return names
+      if isinstance(names, str):  # PEFT: one string is a regex over the whole module name
+        return REGEX_PREFIX + names
+      return tuple(map(strip, sorted(names) if isinstance(names, (set, frozenset)) else names))
+
+    overrides = _our_names(overrides)
+    init = peft.get("init_lora_weights", True)
+    if init not in PEFT_INITS:
+      raise ValueError(f"PEFT config: init_lora_weights={init!r} is not supported (expected one "
+                       f"of {list(PEFT_INITS)})")
+    mapped = {
+        "rank": peft["r"], "alpha": peft["lora_alpha"], "dropout": peft["lora_dropout"],
+        "rslora": peft["use_rslora"], "init": PEFT_INITS[init],
+        "targets": patterns(peft.get("target_modules")),
+        "exclude": patterns(peft.get("exclude_modules")) or (),
+        "modules_to_save": patterns(peft.get("modules_to_save")) or (),
+        "rank_pattern": {_peft_pattern(key, strip): value
+                         for key, value in (peft.get("rank_pattern") or {}).items()},
+        "alpha_pattern": {_peft_pattern(key, strip): value
+                          for key, value in (peft.get("alpha_pattern") or {}).items()}}
+    if mapped["targets"] is None and "targets" not in overrides:
+      raise ValueError("PEFT config: target_modules is null (PEFT then picks defaults by model "
+                       "type): name the modules or 'all-linear' (or pass targets=)")
+    if peft.get("fan_in_fan_out") and "transposed_kernels" not in overrides:
+      if ALL_LINEAR in _as_patterns(mapped["targets"], "targets"):
+        raise ValueError("PEFT config: fan_in_fan_out with target_modules 'all-linear': name the "
+                         "layers that store (n_out, n_in) kernels with transposed_kernels=")
+      mapped["transposed_kernels"] = mapped["targets"]
+    return cls(**{**mapped, **overrides})
+
+
+def _peft_pattern(key: str, strip: Callable[[str], str]) -> str:
+  r"""A PEFT ``rank_pattern`` / ``alpha_pattern`` key as our pattern. PEFT matches the regex
+  ``(.*\.)?(key)$`` against the module name; for a plain dotted name (dots meaning dots, as in
+  module names) that is our suffix rule."""
+  if re.fullmatch(r"[\w.]+", key):
+    return strip(key)
+  return f"{REGEX_PREFIX}(?:.*\\.)?(?:{key})"
+
 
 def _target_matches(pattern: str, path: Path) -> bool:
   if pattern == ALL_LINEAR:
@@ -220,14 +383,16 @@ def _target_matches(pattern: str, path: Path) -> bool:
   return path_matches(pattern, path)
 
 
-def _check_rank(rank: Any, what: str) -> None:
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+def _check_rank(rank: Any, what: str) -> int:
+  if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
     raise ValueError(f"LoRAConfig.{what} must be a positive integer, got {rank!r}")
+  return int(rank)
 
 
-def _check_alpha(alpha: Any, what: str) -> None:
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-    raise ValueError(f"LoRAConfig.{what} must be a number > 0, got {alpha!r}")
+def _check_alpha(alpha: Any, what: str) -> float:
+  if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < math.inf:
+    raise ValueError(f"LoRAConfig.{what} must be a finite number > 0, got {alpha!r}")
+  return float(alpha)
 
 
 # ------------------------------------------------------------------------------------ layouts

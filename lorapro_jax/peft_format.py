@@ -63,6 +63,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -322,26 +323,39 @@ def _check_patterns_resolve(modules: list[tuple[str, int, float, str]],
 
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layers_to_transform": None,
                 "layer_replication": None, "target_parameters": None,
-                "trainable_token_indices": None}
+                "trainable_token_indices": None, "bias": "none"}
 
 
-def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
-  """The ``adapter_config.json`` of a PEFT LoRA adapter, checked for what we can represent."""
-  path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
+def check_peft_config(peft_config: Any, *, where: str) -> None:
+  """Raises unless ``peft_config`` is a PEFT LoRA config whose settings we can represent."""
+  if not isinstance(peft_config, Mapping):
+    raise ValueError(f"{where}: expected a JSON object of PEFT LoraConfig fields, got "
+                     f"{type(peft_config).__name__}")
+  if peft_config.get("peft_type") != "LORA":
+    raise ValueError(f"{where}: peft_type is {peft_config.get('peft_type')!r}, only 'LORA' is "
+                     "supported")
+  for field, default in _UNSUPPORTED.items():
+    if peft_config.get(field, default) not in (default, [], {}, None):
+      note = (" (PEFT's use_dora is weight-decomposed DoRA, not lorapro_jax's dynamic rank)"
+              if field == "use_dora" else "")
+      raise ValueError(f"{where}: {field}={peft_config[field]!r} is not supported (expected "
+                       f"{default!r}){note}")
+
+
+def read_peft_config(source: str | os.PathLike) -> dict[str, Any]:
+  """The ``adapter_config.json`` of a PEFT LoRA adapter (the file, or the adapter directory
+  holding it), checked for what we can represent."""
+  source = os.fspath(source)
+  path = source if os.path.isfile(source) else os.path.join(source, ADAPTER_CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {source!r} (a PEFT adapter directory holds "
+                            f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
   try:
     with open(path, encoding="utf-8") as handle:
       peft_config = json.load(handle)
   except ValueError as error:
     raise CheckpointCorruptError(f"{path} is not valid JSON: {error}") from error
-  if peft_config.get("peft_type") != "LORA":
-    raise ValueError(f"{path}: peft_type is {peft_config.get('peft_type')!r}, only 'LORA' is "
-                     "supported")
-  for field, default in _UNSUPPORTED.items():
-    if peft_config.get(field, default) not in (default, [], {}):
-      note = (" (PEFT's use_dora is weight-decomposed DoRA, not lorapro_jax's dynamic rank)"
-              if field == "use_dora" else "")
-      raise ValueError(f"{path}: {field}={peft_config[field]!r} is not supported (expected "
-                       f"{default!r}){note}")
+  check_peft_config(peft_config, where=path)
   return peft_config
 
 
@@ -615,19 +629,33 @@ def _written_by_save_pretrained(name: str) -> bool:
 
 
 def export_merged(params: Any, config: LoRAConfig, directory: str | os.PathLike, *,
-                  hf_model: Any, safe_serialization: bool = False,
-                  overwrite: bool = False) -> Any:
+                  hf_model: Any, source: str | os.PathLike | None = None,
+                  max_shard_size: int | str = "5GB", safe_serialization: bool = False,
+                  overwrite: bool = False) -> dict[str, Any]:
   """Saves the base with the adapters folded in (:func:`lorapro_jax.trees.merge`) as a Hugging
-  Face Flax checkpoint: ``config.json`` + ``flax_model.msgpack`` (or ``model.safetensors``),
-  loadable by ``Flax<Model>.from_pretrained`` and by PyTorch's ``<Model>.from_pretrained(...,
-  from_flax=True)``; no adapter code is needed to run it. Returns the merged params.
+  Face checkpoint that runs without any adapter code; returns the ``config.json`` written.
+
+  * Our decoder (``hf_model`` a :class:`lorapro_jax.models.DecoderForCausalLM`, or ``inject``'s
+    wrapper of one): PyTorch-layout safetensors (``model.safetensors``, sharded above
+    ``max_shard_size`` with ``model.safetensors.index.json``; no ``lm_head.weight`` when the head
+    is tied) that transformers' PyTorch ``AutoModelForCausalLM.from_pretrained``, vLLM and
+    :func:`lorapro_jax.models.load_pretrained` read. The adapters are folded in one layer at a
+    time (:func:`lorapro_jax.models.save_pretrained`); ``source``, the checkpoint directory the
+    model was loaded from, gives ``config.json``, the tokenizer and ``generation_config.json``.
+  * A Hugging Face Flax model (``hf_model`` a ``FlaxPreTrainedModel``): its ``save_pretrained``,
+    ``config.json`` + ``flax_model.msgpack`` (or ``model.safetensors`` with
+    ``safe_serialization``), loadable by ``Flax<Model>.from_pretrained`` and by PyTorch's
+    ``<Model>.from_pretrained(..., from_flax=True)``.
 
   Args:
     params: the full param tree with adapters (``combine(base, trainable)``); a tree without
       any adapter is refused (it would save the base as if it were the fine-tuned model).
     config: the LoRAConfig (scales, transposed GPT-2 kernels).
-    hf_model: the ``FlaxPreTrainedModel`` whose architecture the params belong to (its config is
-      saved; its ``params`` give the layout the merged tree must have).
+    hf_model: the model whose architecture the params belong to (see above).
+    source: our decoder only: the checkpoint directory it was loaded from (else ``config.json``
+      is written from the model's config).
+    max_shard_size: bytes per weight file (int, or ``"5GB"``, ``"500MB"`` ...).
+    safe_serialization: Flax models only (ours are always safetensors).
     overwrite: replace the config and weight files of a checkpoint already in ``directory``
       (default: refuse, writing nothing).
   """
@@ -635,6 +663,13 @@ def export_merged(params: Any, config: LoRAConfig, directory: str | os.PathLike,
   if not adapter_paths(params):
     raise ValueError("export_merged: params hold no adapter node (lora_a / lora_b); pass "
                      "combine(base, trainable), not the base alone")
+  if isinstance(hf_model, nn.Module):  # ours; Hugging Face's Flax models are not linen modules
+    from lorapro_jax.models.loader import save_pretrained
+    return save_pretrained(hf_model, params, directory, lora=config, source=source,
+                           max_shard_size=max_shard_size, overwrite=overwrite)
+  if source is not None:
+    raise ValueError("source= is for our decoder; a Flax model's config.json is its own "
+                     "(hf_model.config)")
   existing = [name for name in (sorted(os.listdir(directory)) if os.path.isdir(directory) else ())
               if _written_by_save_pretrained(name)]
   if existing and not overwrite:
@@ -646,7 +681,7 @@ def export_merged(params: Any, config: LoRAConfig, directory: str | os.PathLike,
   if problems:
     raise ValueError(f"merged params do not have the layout of {type(hf_model).__name__} "
                      f"({len(problems)} differences): " + "; ".join(problems[:10]))
-  hf_model.save_pretrained(directory, params=jax.device_get(merged),
+  hf_model.save_pretrained(directory, params=jax.device_get(merged), max_shard_size=max_shard_size,
                            safe_serialization=safe_serialization)
   if safe_serialization:  # safetensors creates its files 0600: give them the umask's mode
     umask = os.umask(0o022)
@@ -654,4 +689,4 @@ def export_merged(params: Any, config: LoRAConfig, directory: str | os.PathLike,
     for name in os.listdir(directory):
       if name.startswith("model") and name.endswith(".safetensors"):
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)
-  return merged
+  return hf_model.config.to_dict()

@@ -37,6 +37,7 @@ applies any optax transformation.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -169,12 +170,27 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return train_step
   if (state_sharding is None) != (batch_sharding is None):
     raise ValueError("give both state_sharding and batch_sharding, or neither")
-  shardings = {}
-  if state_sharding is not None:
-    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    shardings = {"in_shardings": (state_sharding, base_sharding, batch_sharding),
-                 "out_shardings": (state_sharding, replicated)}
-  return jax.jit(train_step, donate_argnums=(0,) if donate else (), **shardings)
+  if state_sharding is None:
+    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+  mesh = batch_sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  jitted = jax.jit(train_step, donate_argnums=(0,) if donate else (),
+                   in_shardings=(state_sharding, base_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated))
+
+  @functools.wraps(train_step)
+  def sharded_step(state, base, batch):
+    # The mesh is set while tracing so that models can pin activation layouts to its axes
+    # (e.g. the decoder's attention inputs, which cuDNN needs sharded alike).
+    with jax.set_mesh(mesh):
+      return jitted(state, base, batch)
+
+  def lower(state, base, batch):  # ahead-of-time compilation, as on any jitted function
+    with jax.set_mesh(mesh):
+      return jitted.lower(state, base, batch)
+
+  sharded_step.lower = lower
+  return sharded_step
 
 
 def make_eval_step(predict_fn: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]],

@@ -146,6 +146,26 @@ def count_params(tree: Any) -> int:
              for leaf in jax.tree.leaves(tree))
 
 
+
+def print_trainable_parameters(trainable: Any, base: Any) -> tuple[int, int]:
+  """Prints PEFT's ``print_trainable_parameters()`` line and returns ``(trainable, all)`` counts.
+
+  "All" is the whole adapted model: ``base`` (the frozen part from :func:`split`, or the full
+  params) with ``trainable`` combined in, so a leaf in both counts once.
+
+  >>> base = {"q": {"kernel": np.zeros((4, 4))}}
+  >>> trainable = {"q": {"lora_a": np.zeros((4, 1)), "lora_b": np.zeros((1, 4))}}
+  >>> print_trainable_parameters(trainable, base)
+  trainable params: 8 || all params: 24 || trainable%: 33.3333
+  (8, 24)
+  """
+  n_trainable, n_all = count_params(trainable), count_params(combine(base, trainable))
+  if not n_all:
+    raise ValueError("print_trainable_parameters: base and trainable hold no parameters")
+  print(f"trainable params: {n_trainable:,d} || all params: {n_all:,d} || "
+        f"trainable%: {100 * n_trainable / n_all:.4f}")
+  return n_trainable, n_all
+
 def _key_name(entry: Any) -> str:
   for attribute in ("key", "name", "idx"):
     if hasattr(entry, attribute):

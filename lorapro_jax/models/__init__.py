@@ -5,5 +5,6 @@ from lorapro_jax.models.families import FAMILIES, Family, fix_t5_clip, get_famil
 from lorapro_jax.models.presets import hf_example_inputs, preset
 from lorapro_jax.models.decoder import (Decoder, DecoderConfig, DecoderForCausalLM, KVCache,
                                         RopeScaling, init_cache)
-from lorapro_jax.models.loader import hf_tensor_name, load_pretrained
+from lorapro_jax.models.loader import (hf_tensor_name, load_pretrained, save_pretrained,
+                                       to_hf_config)
 from lorapro_jax.models.generate import generate

@@ -74,6 +74,9 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from lorapro_jax.sharding import DATA, FSDP
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -405,6 +408,22 @@ def _dense(config: DecoderConfig, features: int, name: str) -> nn.Dense:
                   kernel_init=nn.initializers.normal(config.initializer_range), name=name)
 
 
+def _rows_over_mesh(x: jax.Array) -> jax.Array:
+  """``x`` with its batch rows split over the current mesh's (data, fsdp) axes, if a mesh is set.
+
+  The train step sets its mesh (:func:`lorapro_jax.train.make_train_step`); without one this is
+  the identity. Pinning q, k and v to one layout matters on GPUs: cuDNN attention's sharding rule
+  refuses inputs of different shardings ("Query, key and value should have same sharding"), and
+  under fsdp XLA's propagation can otherwise give k/v (projected by kernels split on another
+  axis) a different layout than q.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(axis for axis in (DATA, FSDP) if axis in mesh.axis_names)
+  if mesh.empty or not axes:
+    return x
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE; writes its keys / values into ``kv`` if given."""
 
@@ -419,6 +438,7 @@ class Attention(nn.Module):
     k = _dense(c, c.num_kv_heads * d, "k_proj")(x).reshape(batch, length, c.num_kv_heads, d)
     v = _dense(c, c.num_kv_heads * d, "v_proj")(x).reshape(batch, length, c.num_kv_heads, d)
     q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+    q, k, v = _rows_over_mesh(q), _rows_over_mesh(k), _rows_over_mesh(v)
     if kv is not None:
       k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), end, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), end, axis=1)

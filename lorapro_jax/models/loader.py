@@ -1,12 +1,17 @@
-"""Load a Hugging Face checkpoint directory into our decoder: ``load_pretrained``.
+"""Hugging Face checkpoint directories and our decoder: ``load_pretrained`` and ``save_pretrained``.
 
-Reads ``config.json`` and the ``safetensors`` weights (``model.safetensors``, or the shards named
-by ``model.safetensors.index.json``) with the ``safetensors`` package alone: no torch, no
-transformers, nothing unpickled (``pytorch_model.bin`` is refused). Each tensor is renamed,
-transposed (PyTorch ``Linear`` weights are ``(out, in)``, our kernels ``(in, out)``), converted to
-the parameter dtype and written into its layer's slice of the stacked (``nn.scan``) leaf, which
-already lives on the devices with its target sharding: host memory holds one tensor at a time, and
-devices hold the model plus one layer's tensor in flight.
+:func:`load_pretrained` reads ``config.json`` and the ``safetensors`` weights
+(``model.safetensors``, or the shards named by ``model.safetensors.index.json``) with the
+``safetensors`` package alone: no torch, no transformers, nothing unpickled (``pytorch_model.bin``
+is refused). Each tensor is renamed, transposed (PyTorch ``Linear`` weights are ``(out, in)``, our
+kernels ``(in, out)``), converted to the parameter dtype and written into its layer's slice of the
+stacked (``nn.scan``) leaf, which already lives on the devices with its target sharding: host
+memory holds one tensor at a time, and devices hold the model plus one layer's tensor in flight.
+
+:func:`save_pretrained` is the inverse: our params (with LoRA adapters folded in, layer by layer,
+when given their ``LoRAConfig``) written in PyTorch's names and layout, sharded above
+``max_shard_size`` as ``save_pretrained`` of transformers does, so that
+``AutoModelForCausalLM.from_pretrained`` (PyTorch), vLLM and :func:`load_pretrained` read them.
 
 Name mapping (``{i}`` the layer; every layer leaf is stacked on a leading axis of ``num_layers``)::
 
@@ -22,30 +27,24 @@ every tensor in the files must be used (``rotary_emb.inv_freq`` buffers of old c
 they are recomputed from the config). Anything else is an error naming the tensors; nothing is
 skipped or initialised at random.
 
->>> import json, os, tempfile
+>>> import os, tempfile
 >>> import jax, jax.numpy as jnp, numpy as np
->>> from flax import traverse_util
->>> from safetensors.numpy import save_file
+>>> from safetensors.numpy import load_file, save_file
 >>> from lorapro_jax.models import DecoderConfig, DecoderForCausalLM, load_pretrained
->>> hf_config = {"model_type": "llama", "vocab_size": 16, "hidden_size": 8,
-...              "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2}
->>> model = DecoderForCausalLM(DecoderConfig.from_hf(hf_config))
+>>> model = DecoderForCausalLM(DecoderConfig(vocab_size=16, hidden_size=8, intermediate_size=12,
+...                                          num_layers=2, num_heads=2, num_kv_heads=2))
 >>> params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
->>> tensors = {}  # our params written under Hugging Face's names, as save_pretrained would
->>> for path, value in traverse_util.flatten_dict(params).items():
-...   for layer in (range(2) if path[:2] == ("model", "layers") else [None]):
-...     name, transposed = hf_tensor_name(path, layer)
-...     part = np.asarray(value if layer is None else value[layer])
-...     tensors[name] = np.ascontiguousarray(part.T if transposed else part)
 >>> directory = tempfile.mkdtemp()
->>> save_file(tensors, os.path.join(directory, "model.safetensors"))
->>> with open(os.path.join(directory, "config.json"), "w") as f:
-...   json.dump(hf_config, f)
+>>> written = save_pretrained(model, params, directory, dtype=jnp.float32)
+>>> written["model_type"], written["architectures"], sorted(os.listdir(directory))
+('llama', ['LlamaForCausalLM'], ['config.json', 'model.safetensors'])
 >>> loaded_model, loaded = load_pretrained(directory)
 >>> jax.tree.all(jax.tree.map(np.array_equal, loaded, params))
 True
->>> tensors.pop("lm_head.weight").shape
-(16, 8)
+>>> tensors = load_file(os.path.join(directory, "model.safetensors"))
+>>> tensors["model.layers.1.mlp.down_proj.weight"].shape      # PyTorch's (out, in)
+(8, 12)
+>>> del tensors["lm_head.weight"]
 >>> save_file(tensors, os.path.join(directory, "model.safetensors"))
 >>> load_pretrained(directory)  # doctest: +ELLIPSIS
 Traceback (most recent call last):
@@ -54,11 +53,14 @@ ValueError: checkpoint ... lacks 1 tensor(s) the llama model needs: lm_head.weig
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import re
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -68,15 +70,30 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lorapro_jax.adapters import dotted
-from lorapro_jax.models.decoder import DecoderConfig, DecoderForCausalLM
+from lorapro_jax.lora import LoRAConfig
+from lorapro_jax.models.decoder import PROJECTIONS, DecoderConfig, DecoderForCausalLM
 from lorapro_jax.models.families import Family, get_family
+from lorapro_jax.models.generate import decoder_config
+from lorapro_jax.trees import ADAPTER_LEAVES, layout_differences, merge
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
 STACK = ("model", "layers")  # our stacked layers; Hugging Face's model.layers.{i}
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 _DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# files of a checkpoint directory that hold weights (never copied by save_pretrained's source=)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".ckpt", ".gguf",
+                    ".index.json")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
+_HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+_DTYPE_NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16",
+                jnp.dtype(jnp.float16): "float16"}
+# DecoderConfig fields that say how to run the model, not what the checkpoint holds
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "scan_unroll")
 
 
 def hf_tensor_name(path: tuple[str, ...], layer: int | None = None,
@@ -263,3 +280,262 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, mesh: jax.sha
                         _slice_sharding(flat_shardings[leaf_path]))
         params[leaf_path] = _set_layer(params[leaf_path], placed, layer)
   return model, traverse_util.unflatten_dict(params)
+
+
+# ------------------------------------------------------------------------------------- saving
+
+
+def to_hf_config(config: DecoderConfig, dtype: Any = None) -> dict[str, Any]:
+  """The Hugging Face ``config.json`` of ``config`` (checkpoint dtype ``dtype``, default its
+  ``param_dtype``): ``DecoderConfig.from_hf(to_hf_config(c), **runtime fields of c) == c``.
+
+  Written for the keys :meth:`DecoderConfig.from_hf` and transformers read; what our config does
+  not know (``max_position_embeddings``, token ids) is left to transformers' defaults, so pass a
+  checkpoint's own ``config.json`` along where there is one (``save_pretrained(source=...)``).
+  Switches the family's Hugging Face class cannot express (biases on other projections than its
+  own, Gemma's norm on a Llama) are an error.
+
+  >>> to_hf_config(DecoderConfig.tiny(family="qwen2", biases=("q_proj", "k_proj", "v_proj"),
+  ...                                 tie_word_embeddings=True))["architectures"]
+  ['Qwen2ForCausalLM']
+  """
+  family = config.family
+  dtype_name = _dtype_name(config.param_dtype if dtype is None else dtype)
+  attention, mlp = frozenset(PROJECTIONS[:4]), frozenset(PROJECTIONS[4:])
+  expressible = {"llama": (frozenset(), attention, mlp, attention | mlp),
+                 "mistral": (frozenset(),), "qwen2": (frozenset(PROJECTIONS[:3]),),
+                 "gemma": (frozenset(), attention)}[family]
+  if frozenset(config.biases) not in expressible:
+    raise ValueError(f"biases {config.biases} cannot be written as a {family} config.json; "
+                     f"{family} has biases on one of {[sorted(b) for b in expressible]}")
+  gemma = family == "gemma"
+  if (config.norm_unit_offset, config.scale_embeddings) != (gemma, gemma):
+    raise ValueError(f"norm_unit_offset={config.norm_unit_offset}, scale_embeddings="
+                     f"{config.scale_embeddings} cannot be written as a {family} config.json "
+                     f"(both are {gemma} for {family})")
+  if config.sliding_window is not None and family != "mistral":
+    raise ValueError(f"sliding_window={config.sliding_window} cannot be written as a {family} "
+                     "config.json (only mistral has one)")
+  scaling = config.rope_scaling
+  rope_scaling = None if scaling is None else {"rope_type": scaling.kind, "factor": scaling.factor}
+  if scaling is not None and scaling.kind == "llama3":
+    rope_scaling.update(low_freq_factor=scaling.low_freq_factor,
+                        high_freq_factor=scaling.high_freq_factor,
+                        original_max_position_embeddings=scaling.original_max_position_embeddings)
+  hf = {
+      "model_type": family, "architectures": [_ARCHITECTURES[family]],
+      "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+      "rope_theta": config.rope_theta, "rope_scaling": rope_scaling,
+      "rms_norm_eps": config.rms_norm_eps, "tie_word_embeddings": config.tie_word_embeddings,
+      "hidden_act": _HF_ACTIVATION[config.activation],
+      "initializer_range": config.initializer_range, "torch_dtype": dtype_name,
+  }
+  if config.head_dim is not None:
+    hf["head_dim"] = config.head_dim
+  if family == "llama":
+    hf.update(attention_bias=attention <= set(config.biases), mlp_bias=mlp <= set(config.biases))
+  elif family == "mistral":
+    hf["sliding_window"] = config.sliding_window
+  elif family == "qwen2":
+    hf["use_sliding_window"] = False
+  else:  # gemma: transformers reads hidden_act, the model's authors hidden_activation
+    hf.update(hidden_activation=hf["hidden_act"], attention_bias=bool(config.biases))
+  return hf
+
+
+def _dtype_name(dtype: Any) -> str:
+  if jnp.dtype(dtype) not in _DTYPE_NAMES:
+    raise ValueError(f"checkpoint dtype {jnp.dtype(dtype)} is not supported; expected one of "
+                     f"{sorted(_DTYPE_NAMES.values())}")
+  return _DTYPE_NAMES[jnp.dtype(dtype)]
+
+
+def _shard_bytes(size: int | str) -> int:
+  """Bytes of ``"5GB"`` (10⁹), ``"2GiB"`` (2³⁰), ``"40KB"``, ... or an int, as transformers reads
+  ``max_shard_size``."""
+  if isinstance(size, (int, np.integer)):
+    value = int(size)
+  else:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])(i?)B\s*", str(size), re.I)
+    if not match:
+      raise ValueError(f"max_shard_size {size!r} is not a size; expected bytes or e.g. '5GB', "
+                       "'500MB', '2GiB'")
+    number, unit, binary = match.groups()
+    power = "KMGT".index(unit.upper()) + 1
+    value = int(float(number) * ((1 << (10 * power)) if binary else 10 ** (3 * power)))
+  if value < 1:
+    raise ValueError(f"max_shard_size must be positive, got {size!r}")
+  return value
+
+
+def _config_to_write(config: DecoderConfig, source: str | None, dtype: Any) -> dict[str, Any]:
+  """``source``'s ``config.json`` with the written dtype (it must describe ``config``), else
+  :func:`to_hf_config`."""
+  if source is None:
+    return to_hf_config(config, dtype)
+  with open(os.path.join(source, CONFIG), encoding="utf-8") as handle:
+    hf = json.load(handle)
+  runtime = {name: getattr(config, name) for name in _RUNTIME_FIELDS}
+  described = DecoderConfig.from_hf(hf, **runtime)
+  differing = [f"{field.name}: {getattr(described, field.name)!r} there, "
+               f"{getattr(config, field.name)!r} here" for field in dataclasses.fields(config)
+               if getattr(described, field.name) != getattr(config, field.name)]
+  if differing:
+    raise ValueError(f"the model is not the one {os.path.join(source, CONFIG)} describes ("
+                     + "; ".join(differing) + "): pass source=None to write its own config.json")
+  name = _dtype_name(dtype)
+  hf["torch_dtype"] = name
+  if "dtype" in hf:  # transformers >= 4.56 writes "dtype"; older readers want "torch_dtype"
+    hf["dtype"] = name
+  return hf
+
+
+def _side_files(source: str | None) -> list[str]:
+  """Top-level files of ``source`` other than weights and ``config.json``: the tokenizer,
+  ``generation_config.json``, licence and card, which a served checkpoint needs beside them."""
+  if source is None:
+    return []
+  return sorted(name for name in os.listdir(source)
+                if os.path.isfile(os.path.join(source, name)) and name != CONFIG
+                and not name.endswith(_WEIGHT_SUFFIXES) and not name.startswith("."))
+
+
+def _hf_tensors(config: DecoderConfig, params: Any, lora: LoRAConfig | None,
+                dtype: Any) -> Iterator[tuple[str, np.ndarray]]:
+  """``(Hugging Face name, host array)`` of every tensor, one layer at a time: adapters folded in
+  (``lora``), cast to ``dtype`` and transposed on the devices, then fetched."""
+
+  def host(value, transposed: bool) -> np.ndarray:
+    value = jnp.asarray(value).astype(dtype)
+    return np.ascontiguousarray(jax.device_get(value.T if transposed else value))
+
+  def fold(tree):
+    return tree if lora is None else merge(tree, lora)
+
+  unstacked = {**params, "model": {k: v for k, v in params["model"].items() if k != STACK[1]}}
+  for path, value in traverse_util.flatten_dict(fold(unstacked)).items():
+    name, transposed = hf_tensor_name(path, None, config.family)
+    yield name, host(value, transposed)
+  layers = params["model"][STACK[1]]
+  for layer in range(config.num_layers):
+    sliced = fold({"model": {STACK[1]: jax.tree.map(lambda x: x[layer], layers)}})
+    for path, value in traverse_util.flatten_dict(sliced).items():
+      name, transposed = hf_tensor_name(path, layer, config.family)
+      yield name, host(value, transposed)
+
+
+def _is_written_weight(name: str) -> bool:
+  return name in (WEIGHTS, INDEX) or bool(_SHARD_FILE.fullmatch(name))
+
+
+def _give_umask_mode(path: str) -> None:
+  """safetensors creates its files 0600: give them the mode ``open`` would (the umask's)."""
+  umask = os.umask(0o022)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
+def save_pretrained(model: Any, params: Any, directory: str | os.PathLike, *,
+                    lora: LoRAConfig | None = None, source: str | os.PathLike | None = None,
+                    dtype: Any = None, max_shard_size: int | str = "5GB",
+                    overwrite: bool = False) -> dict[str, Any]:
+  """Writes our decoder's ``params`` as a Hugging Face checkpoint directory; returns the
+  ``config.json`` written.
+
+  The tensors get PyTorch's names and layout (``Linear`` weights ``(out, in)``, one tensor per
+  layer, no ``lm_head.weight`` when the head is tied) and go into ``model.safetensors``, or, above
+  ``max_shard_size``, into ``model-0000k-of-0000n.safetensors`` listed by
+  ``model.safetensors.index.json``. They are produced one layer at a time (adapters folded in on
+  the devices), so the host holds at most one shard.
+
+  Args:
+    model: a ``DecoderForCausalLM``, or one wrapped by ``lorapro_jax.inject``.
+    params: its params; with ``lora``, the adapted tree (``combine(base, trainable)``), whose
+      adapters are folded into their kernels (:func:`lorapro_jax.trees.merge`) as they are written.
+    directory: where to write (created).
+    lora: the ``LoRAConfig`` of the adapters in ``params`` (``export_merged`` passes it).
+    source: the checkpoint directory the model was loaded from: its ``config.json`` (which must
+      describe this model; the dtype is updated), tokenizer, ``generation_config.json`` and other
+      non-weight files are copied, so the result serves as the original does. Without it,
+      ``config.json`` is :func:`to_hf_config`'s.
+    dtype: the tensors' dtype (default: the model's ``param_dtype``).
+    max_shard_size: bytes per file (int, or ``"5GB"``, ``"500MB"``, ``"2GiB"`` ...).
+    overwrite: replace the config, weight and copied files of a checkpoint already in
+      ``directory`` (stale shards are removed); default: refuse, writing nothing.
+  """
+  config = decoder_config(model)
+  directory = os.fspath(directory)
+  source = None if source is None else os.fspath(source)
+  dtype = jnp.dtype(config.param_dtype if dtype is None else dtype)
+  _dtype_name(dtype)
+  limit = _shard_bytes(max_shard_size)
+  if source is not None and os.path.isdir(directory) and os.path.samefile(source, directory):
+    raise ValueError(f"cannot save into the source checkpoint {source} itself")
+  hf = _config_to_write(config, source, dtype)
+  copies = _side_files(source)
+
+  flat = traverse_util.flatten_dict(params)
+  adapter_leaves = sorted(dotted(p) for p in flat if p[-1] in ADAPTER_LEAVES)
+  if adapter_leaves and lora is None:
+    raise ValueError(f"params hold adapter leaves ({adapter_leaves[0]}, ...): pass their "
+                     "LoRAConfig as lora= to fold them in (lorapro_jax.peft_format.export_merged)")
+  got = {path: (np.shape(value), None) for path, value in flat.items()
+         if path[-1] not in ADAPTER_LEAVES}
+  shapes = jax.eval_shape(DecoderForCausalLM(config).init, jax.random.key(0),
+                          jnp.zeros((1, 1), jnp.int32))["params"]
+  expected = {path: (shape.shape, None) for path, shape in
+              traverse_util.flatten_dict(shapes).items()}
+  problems = layout_differences(got, expected, got_name="params", expected_name="model",
+                                dtypes=False)
+  if problems:
+    raise ValueError(f"params do not fit the {config.family} model ({len(problems)} "
+                     "differences): " + "; ".join(problems[:10]))
+
+  existing = [name for name in (sorted(os.listdir(directory)) if os.path.isdir(directory) else ())
+              if name == CONFIG or name in copies or _is_written_weight(name)]
+  if existing and not overwrite:
+    raise FileExistsError(f"{directory} already holds {existing}; pass overwrite=True to replace "
+                          "them")
+  os.makedirs(directory, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".partial-", dir=directory)
+  try:
+    shards: list[tuple[str, list[str]]] = []
+    pending: dict[str, np.ndarray] = {}
+    total = 0
+
+    def flush():
+      from safetensors.numpy import save_file
+      path = os.path.join(staging, f"{len(shards)}.safetensors")
+      save_file(pending, path, metadata={"format": "pt"})  # "pt": transformers requires it
+      shards.append((path, list(pending)))
+      pending.clear()
+
+    for name, value in _hf_tensors(config, params, lora, dtype):
+      if pending and sum(v.nbytes for v in pending.values()) + value.nbytes > limit:
+        flush()
+      pending[name] = value
+      total += value.nbytes
+    flush()
+    names = ([WEIGHTS] if len(shards) == 1 else
+             [SHARD.format(k, len(shards)) for k in range(1, len(shards) + 1)])
+    for stale in existing:  # nothing is removed before every new shard is on disk
+      if _is_written_weight(stale) and stale not in names:
+        os.remove(os.path.join(directory, stale))
+    weight_map = {}
+    for (path, tensors), name in zip(shards, names):
+      _give_umask_mode(path)
+      os.replace(path, os.path.join(directory, name))
+      weight_map.update(dict.fromkeys(tensors, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  if len(names) > 1:
+    with open(os.path.join(directory, INDEX), "w", encoding="utf-8") as handle:
+      json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                handle, indent=2)
+  for name in copies:
+    shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+  with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as handle:
+    json.dump(hf, handle, indent=2, sort_keys=True)
+  return hf
