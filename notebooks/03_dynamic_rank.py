@@ -93,8 +93,9 @@ dev_batch = {name: values[:256] for name, values in dev.items()}
 # matches both the attention output and the MLP output projections.
 
 # %%
-from lorapro_jax import (DynamicRankConfig, LoRAConfig, adapter_paths, combine, init_adapters,
-                         inject, rank_pattern, split)
+from lorapro_jax import (DynamicRankConfig, LoRAConfig, combine, init_adapters, inject,
+                         rank_pattern, split)
+from lorapro_jax.adapters import adapter_paths
 
 dynamic = DynamicRankConfig(total_steps=STEPS, target_rank=TARGET_RANK, interval=INTERVAL,
                             dem_weight=DEM_WEIGHT)
@@ -171,7 +172,7 @@ right.set(xlabel="step", ylabel="live components"); right.legend(); plt.show()
 # draws it as matrix type × layer, like Figure 2 of the paper.
 
 # %%
-from lorapro_jax import plot_rank_heatmap
+from lorapro_jax.dynamic_rank import plot_rank_heatmap
 
 final_ranks = rank_pattern(state.opt_state)
 

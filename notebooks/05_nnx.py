@@ -153,7 +153,8 @@ loss_after = float(eval_loss(model))
 print(f"loss on the new task {loss_before:.4f} -> {loss_after:.4f}")
 
 # %%
-from lorapro_jax import plot_rank_heatmap, rank_pattern
+from lorapro_jax import rank_pattern
+from lorapro_jax.dynamic_rank import plot_rank_heatmap
 
 opt_state = nnx.as_pure(opt.opt_state)  # NNX keeps optimizer leaves in Variables
 ranks = rank_pattern(opt_state)
