@@ -2,7 +2,7 @@
 
 ``NAME`` is a config of ``experiments/configs`` (``python experiments/run.py --list``), e.g.
 ``lorapro_t5_glue/sst2``. The run builds the model of the config's family (Hugging Face Flax T5,
-RoBERTa, Llama, ViT; pretrained weights from ``config.model``, or ``--random-init``), attaches
+RoBERTa, ViT; pretrained weights from ``config.model``, or ``--random-init``), attaches
 the method's adapters (:func:`lorapro_jax.models.preset` targets unless the config names others),
 trains with :func:`lorapro_jax.train.fit` and writes into ``--out/NAME/METHOD/seed_S``:
 ``results.json`` (final and best dev metrics, loss history, ms per step), TensorBoard logs and
@@ -10,11 +10,15 @@ Orbax checkpoints (the data-iterator position included). Running the same comman
 from the newest checkpoint. ``--tiny`` swaps in a random model of a few thousand parameters,
 ``--mock-data`` reads tfds mock data, ``--max-steps`` caps the run: the tests use all three.
 
+Llama runs on the library's LLM road, :func:`lorapro_jax.finetune.finetune` (our decoder loaded
+from the local checkpoint directory ``config.model``, KV-cache generation, PEFT export), with the
+config's settings; ``--tiny`` writes a random two-layer checkpoint for it first.
+
 Evaluation per family: RoBERTa / ViT the argmax (STS-B the regression output); T5 scores every
 class word as the decoder target and takes the most likely (rank classification: always a valid
 label, equal to greedy decoding whenever greedy decoding produces a label word); Llama decodes
-greedily ``target_length`` tokens after the prompt and compares the final number (GSM8K exact
-match).
+greedily ``target_length`` tokens after the prompt with the KV cache and compares the final number
+(GSM8K exact match).
 """
 from __future__ import annotations
 
@@ -32,8 +36,7 @@ if __package__ in (None, ""):  # run as a script: make ``experiments`` importabl
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs import ExperimentConfig, all_configs, get_config  # noqa: E402
-from lorapro_jax.data.batching import (BatchIterator, eval_batches, host_shard,  # noqa: E402
-                                       tokenize)
+from lorapro_jax.data.batching import BatchIterator, eval_batches, host_shard  # noqa: E402
 from lorapro_jax.dynamic_rank import DynamicRankConfig  # noqa: E402
 from lorapro_jax.methods import METHODS, Method  # noqa: E402
 from lorapro_jax.metrics import compute_metrics  # noqa: E402
@@ -197,72 +200,46 @@ def roberta_task(config: ExperimentConfig, *, tiny: bool, random_init: bool, see
 # ---------------------------------------------------------------------------------- Llama
 
 
-def llama_task(config: ExperimentConfig, *, tiny: bool, random_init: bool, seed: int,
-               max_examples: int | None) -> Task:
-  from transformers import FlaxLlamaForCausalLM, LlamaConfig
-  from lorapro_jax.data.instruct import encode_causal, extract_answer, load_instruction_json
-  from lorapro_jax.metrics import exact_match
-  tokenizer = _tokenizer(config, tiny)
-  if tokenizer.pad_token_id is None:
-    tokenizer.pad_token = tokenizer.eos_token
+def tiny_llama_checkpoint(directory: str, seed: int) -> str:
+  """A random two-layer Llama checkpoint with the offline MiniLM tokenizer's files, written to
+  ``directory`` unless it is there already (``--tiny``; a resumed run finds the same one)."""
+  from lorapro_jax.models import DecoderConfig, DecoderForCausalLM, save_pretrained
+  if not os.path.exists(os.path.join(directory, "config.json")):
+    tokenizer = offline_tokenizer()
+    model = DecoderForCausalLM(DecoderConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+        num_heads=4, num_kv_heads=2, param_dtype=jnp.float32))
+    params = model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    tokenizer.save_pretrained(directory)
+    save_pretrained(model, params, directory)
+  return directory
+
+
+def llama_finetune_config(config: ExperimentConfig, method: str, seed: int, run_dir: str,
+                          model_dir: str, *, tiny: bool = False, max_steps: int | None = None,
+                          batch_size: int | None = None, max_examples: int | None = None,
+                          mesh_shape: tuple[int, int] | None = None):
+  """The :class:`lorapro_jax.finetune.FinetuneConfig` of a Llama experiment: the config's settings
+  (``target_length`` new tokens per GSM8K answer), the run's overrides, ``--tiny``'s lengths."""
+  from lorapro_jax.finetune import FinetuneConfig
   for path in (config.train_file, config.eval_file):
     if path is None or not os.path.exists(path):
       raise FileNotFoundError(f"{config.name}: local data file {path!r} not found (MetaMathQA / "
                               "GSM8K JSON: set train_file / eval_file)")
-  if tiny:
-    hf = FlaxLlamaForCausalLM(LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=8 * TINY_LENGTH, **config.model_overrides), seed=seed)
-  elif random_init:
-    hf = FlaxLlamaForCausalLM(LlamaConfig.from_pretrained(config.model), seed=seed)
-  else:
-    hf = FlaxLlamaForCausalLM.from_pretrained(config.model)
-  length = 6 * TINY_LENGTH if tiny else config.max_length  # the Alpaca prompt alone is ~45 tokens
-  new_tokens = 4 if tiny else config.target_length
-  limit = max_examples if max_examples is not None else config.max_train_examples
-  train_rows = load_instruction_json(config.train_file, max_examples=limit)
-  dev_rows = load_instruction_json(config.eval_file, max_examples=max_examples)
-  train = encode_causal(tokenizer, train_rows["prompt"], train_rows["response"], length)
-  prompts = tokenize(tokenizer, list(dev_rows["prompt"]), length)
-  prompt_lengths = prompts["attention_mask"].sum(1).astype(np.int32)
-  dev = {"input_ids": np.concatenate(
-             [prompts["input_ids"], np.full((len(prompt_lengths), new_tokens),
-                                            tokenizer.pad_token_id, np.int32)], 1),
-         "prompt_length": prompt_lengths, "labels": np.arange(len(prompt_lengths))}
-  answers = dev_rows["answer"]
-
-  def inputs(batch):
-    ids = batch["input_ids"]
-    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    return (ids, jnp.ones_like(ids), positions), {}
-
-  def loss(logits, batch):
-    return _cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, :-1])
-
-  def predict(run, batch):
-    # greedy decoding without a cache: right padding + causal attention leave each prompt's
-    # logits untouched by the slots after it, so one fixed shape serves every step
-    rows = jnp.arange(batch["input_ids"].shape[0])
-
-    def step(t, ids):
-      logits = run({"input_ids": ids})
-      position = batch["prompt_length"] + t
-      token = jnp.argmax(logits[rows, position - 1], -1).astype(ids.dtype)
-      return ids.at[rows, position].set(token)
-
-    ids = jax.lax.fori_loop(0, new_tokens, step, batch["input_ids"])
-    offsets = batch["prompt_length"][:, None] + jnp.arange(new_tokens)
-    return {"predictions": jnp.take_along_axis(ids, offsets, 1)}
-
-  def score(predictions, labels, mask):  # labels: row numbers into the reference answers
-    texts = tokenizer.batch_decode(np.asarray(predictions), skip_special_tokens=True)
-    predicted = [extract_answer(t) for t in texts]
-    return {"exact_match": exact_match(predicted, [answers[i] for i in labels], mask)}
-
-  example = {k: v[:2] for k, v in train.items()}
-  return Task(hf.module, hf.params, example, inputs, loss, predict, train, dev, score, (),
-              "llama")
+  return FinetuneConfig(
+      model=model_dir, train_file=config.train_file, eval_file=config.eval_file, out=run_dir,
+      method=method, rank=config.rank, alpha=config.alpha, targets=config.targets,
+      learning_rate=config.learning_rate, schedule=config.schedule,
+      warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
+      clip_norm=config.clip_norm, batch_size=batch_size or (TINY_BATCH if tiny else
+                                                             config.batch_size),
+      epochs=config.epochs, max_steps=max_steps,
+      max_length=6 * TINY_LENGTH if tiny else config.max_length,  # the Alpaca prompt is ~45
+      max_new_tokens=4 if tiny else config.target_length,
+      max_train_examples=max_examples if max_examples is not None else config.max_train_examples,
+      max_eval_examples=max_examples, eval_every=config.eval_every,
+      compute_dtype=config.compute_dtype, dem_weight=config.dem_weight, seed=seed,
+      mesh=mesh_shape)
 
 
 # ------------------------------------------------------------------------------------ ViT
@@ -301,7 +278,7 @@ def vit_task(config: ExperimentConfig, *, tiny: bool, random_init: bool, seed: i
               _score_labels(config), ("classifier",), "vit")
 
 
-TASKS = {"t5": t5_task, "roberta": roberta_task, "llama": llama_task, "vit": vit_task}
+TASKS = {"t5": t5_task, "roberta": roberta_task, "vit": vit_task}
 
 
 # ------------------------------------------------------------------------------------ run
@@ -363,6 +340,21 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   if method not in config.methods:
     raise ValueError(f"method {method!r} is not among {config.name}'s methods {config.methods}")
   run_dir = os.path.join(out_dir, config.name, method, f"seed_{seed}")
+  if config.family == "llama":  # the LLM road
+    from lorapro_jax.finetune import finetune
+    if random_init:
+      raise ValueError("--random-init: the Llama road reads a checkpoint directory; write one "
+                       "with random weights (lorapro_jax.models.save_pretrained) instead")
+    model_dir = (tiny_llama_checkpoint(os.path.join(run_dir, "tiny_checkpoint"), seed) if tiny
+                 else config.model)
+    results = finetune(llama_finetune_config(config, method, seed, run_dir, model_dir, tiny=tiny,
+                                             max_steps=max_steps, batch_size=batch_size,
+                                             max_examples=max_examples, mesh_shape=mesh_shape),
+                       stop_after=stop_after, progress=progress)
+    results.update(config=config.name, seed=seed, paper=config.paper.get(method),
+                   metric=config.metrics[0])
+    write_json(os.path.join(run_dir, "results.json"), results)
+    return results
   if mock_data:
     import tensorflow_datasets as tfds
     with tfds.testing.mock_data(num_examples=max_examples or 16, policy=tfds.testing.MockPolicy.USE_CODE):

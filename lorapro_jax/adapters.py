@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from flax import traverse_util
 
 Path = tuple[str, ...]
@@ -154,13 +155,21 @@ def scale_at(scale: Any, path: Path) -> Any:
 
 
 def validate_scale(scale: Any, tree: Any, keys: AdapterKeys = DEFAULT_KEYS) -> None:
-  """Raises a clear error if a scale is zero/negative, or the scale tree misses a pair or holds
+  """Raises a clear error if a scale is not a finite number > 0, or the scale tree misses a pair or holds
   entries that are no pair of ``tree`` (a scale meant for another tree)."""
   paths = adapter_paths(tree, keys)
   for path in paths:
-    value = scale_at(scale, path)
-    if not isinstance(value, jax.Array) and float(value) <= 0.0:
-      raise ValueError(f"LoRA scale must be > 0, got {value!r} for {dotted(path) or '<root>'}")
+    where = dotted(path) or "<root>"
+    try:
+      value = scale_at(scale, path)
+    except KeyError:
+      raise ValueError(f"scale tree has no entry for the adapter pair {where}: it needs one "
+                       f"number per pair (LoRAConfig.scales(trainable))") from None
+    if isinstance(value, jax.core.Tracer):  # e.g. under optax.inject_hyperparams: known later
+      continue
+    array = np.asarray(value)
+    if array.dtype.kind not in "iuf" or not np.all(np.isfinite(array) & (array > 0)):
+      raise ValueError(f"LoRA scale must be a finite number > 0, got {value!r} for {where}")
   if isinstance(scale, Mapping):
     extra = [dotted(tuple(map(str, path))) for path in traverse_util.flatten_dict(scale)
              if tuple(map(str, path)) not in set(paths)]

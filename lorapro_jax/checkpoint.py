@@ -141,15 +141,16 @@ class TrainCheckpointer:
   def __init__(self, directory: str | os.PathLike, config: Any, *, keep: int = 3,
                best_metric: str | None = None, best_mode: str = "max", keep_best: int = 1,
                async_save: bool = True, save_interval_steps: int = 1):
-    if keep < 1:
-      raise ValueError(f"keep must be >= 1 (the newest step is needed to resume), got {keep}")
+    for name, value in (("keep", keep), ("keep_best", keep_best),
+                        ("save_interval_steps", save_interval_steps)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}"
+                         + (" (the newest step is needed to resume)" if name == "keep" else ""))
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    if keep_best < 1:
-      raise ValueError(f"keep_best must be >= 1, got {keep_best}")
-    if save_interval_steps < 1:
-      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     self.directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise NotADirectoryError(f"checkpoint directory {self.directory} is a file")
     self.config = config_dict(config)
     self.best_metric = best_metric
     policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
@@ -211,14 +212,24 @@ class TrainCheckpointer:
     """
     if step is None:
       step = int(state["step"] if isinstance(state, Mapping) else state.step)
+    if (isinstance(step, bool) or np.ndim(step) != 0
+        or not np.issubdtype(np.asarray(step).dtype, np.integer) or int(step) < 0):
+      raise ValueError(f"step must be an int >= 0, got {step!r}")
     step = int(step)
     if metrics is not None:
-      metrics = {name: float(value) for name, value in metrics.items()}
+      try:
+        metrics = {name: float(value) for name, value in metrics.items()}
+      except (TypeError, ValueError):
+        raise ValueError(f"metrics must map names to numbers, got {metrics!r}") from None
     if self.best_metric is not None and metrics is not None and self.best_metric not in metrics:
       raise KeyError(f"best_metric {self.best_metric!r} is not among the metrics {sorted(metrics)}")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
             "lora_config": self.config, "data_position": data_position, "metrics": metrics}
-    json.dumps(meta)  # a non-JSON data_position fails here, before anything is written
+    try:
+      json.dumps(meta)  # a non-JSON data_position fails here, before anything is written
+    except TypeError as error:
+      raise ValueError(f"data_position must be JSON data (numbers, strings, lists, dicts), got "
+                       f"{data_position!r}: {error}") from None
     if self._lock is None:
       self._take_lock()
     steps = self._manager.all_steps()

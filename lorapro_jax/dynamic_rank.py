@@ -82,7 +82,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -350,6 +350,7 @@ def norm_ratio_scores(a: jax.Array, b: jax.Array, c: jax.Array | None = None) ->
   >>> [round(float(s), 6) for s in norm_ratio_scores(a, b, jnp.array([3.0, 4.0]))]  # 3/5, 4/5
   [0.6, 0.8]
   """
+  check_pair(a, b, c, where="norm_ratio_scores")
   a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
   c32 = jnp.ones(a.shape[:-2] + a.shape[-1:], jnp.float32) if c is None else c.astype(jnp.float32)
   # One factorisation suffices (‖Q·M‖_F = ‖M‖_F): of the shorter side, the other is multiplied.
@@ -433,6 +434,35 @@ def _mirror(params: Any, per_path: Mapping[Path, Any], keys: AdapterKeys) -> Any
                       other=lambda path, leaf: optax.MaskedNode())
 
 
+def _check_step_inputs(paths: Sequence[Path], nodes: Sequence[Mapping], updates: Any,
+                       state: DynamicRankState, keys: AdapterKeys) -> None:
+  """The step's adapters must be those ``init`` saw, and ``updates`` must mirror them: a clear
+  error here instead of a broadcasting error (or a KeyError) inside the step."""
+  seen = {path for path, _ in named_leaves(state.mask)}
+  missing = sorted(dotted(path) for path in seen - set(paths))
+  if missing:
+    raise ValueError(f"dynamic_rank: the params lack the adapters {missing} that init saw")
+  for path, node in zip(paths, nodes):
+    where = dotted(path) or "<root>"
+    shape = node[keys.a].shape[:-2] + node[keys.a].shape[-1:]
+    if path not in seen or get_path(state.mask, path).shape != shape:
+      raise ValueError(
+          f"dynamic_rank: adapter {where!r} has components of shape {shape} (*stack, r'), but "
+          + (f"init saw {get_path(state.mask, path).shape}" if path in seen else "init did not see it")
+          + ": pass the params the optimizer was initialised with")
+    try:
+      update = get_path(updates, path)
+    except KeyError:
+      raise ValueError(f"dynamic_rank: the updates have no entry for adapter {where!r}; they must "
+                       "mirror the params") from None
+    for name in (keys.a, keys.b, keys.c):
+      got = np.shape(update[name]) if isinstance(update, Mapping) and name in update else None
+      if name in node and got != node[name].shape:
+        raise ValueError(f"dynamic_rank: the update of {where}.{name} has shape "
+                         f"{got if got is not None else '(missing)'}, expected "
+                         f"{node[name].shape} (the params'): the updates must mirror the params")
+
+
 def dynamic_rank(config: DynamicRankConfig) -> optax.GradientTransformationExtraArgs:
   """DoRA dynamic rank (Mao et al., ACL 2024, arXiv 2405.17357) as an optax transform.
 
@@ -474,8 +504,8 @@ def dynamic_rank(config: DynamicRankConfig) -> optax.GradientTransformationExtra
     if params is None:
       raise ValueError("dynamic_rank needs the current parameters: call "
                        "update(updates, state, params), with dynamic_rank last in the chain")
-    paths = adapter_paths(params, keys)
-    before = [get_path(params, path) for path in paths]
+    paths, before = zip(*config.check_adapters(params))
+    _check_step_inputs(paths, before, updates, state, keys)
     after = [{name: optax.apply_updates(node[name], get_path(updates, path)[name])
               for name in (keys.a, keys.b, keys.c) if name in node} for path, node in
              zip(paths, before)]

@@ -353,7 +353,7 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
         extra_results={"method": config.method, "model": config.model, "family": family,
                        "total_steps": total_steps, "resumed_from": resumed_from,
                        "examples": examples, "trainable_params": count_params(trainable),
-                       "config": dataclasses.asdict(config)})
+                       "run_config": dataclasses.asdict(config)})
   finally:
     checkpoints.close()
   if int(state.step) == total_steps:

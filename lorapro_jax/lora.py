@@ -328,8 +328,11 @@ class LoRAConfig:
     if isinstance(source, Mapping):
       peft = {"peft_type": "LORA", **source}
       peft_format.check_peft_config(peft, where="PEFT config")
-    else:
+    elif isinstance(source, (str, os.PathLike)):
       peft = peft_format.read_peft_config(source)
+    else:
+      raise TypeError(f"LoRAConfig.from_peft reads a path (adapter_config.json or its directory) "
+                      f"or a dict of PEFT LoraConfig fields, got {type(source).__name__}")
     peft = {**PEFT_DEFAULTS, **peft}
 
     def strip(name: Any) -> Any:

@@ -105,6 +105,35 @@ def _check_options(y: str, ridge: Any) -> None:
     raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
 
 
+def _check_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any) -> None:
+  """AdamW's hyperparameters, where they are numbers (a traced value under
+  ``optax.inject_hyperparams`` is known only when the step runs; a schedule is a callable)."""
+  ranges = {"learning_rate": (0.0, np.inf, "a number >= 0 or an optax schedule"),
+            "b1": (0.0, 1.0, "in [0, 1)"), "b2": (0.0, 1.0, "in [0, 1)"),
+            "eps": (0.0, np.inf, "a finite number >= 0"),
+            "weight_decay": (0.0, np.inf, "a finite number >= 0")}
+  values = dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  for name, value in values.items():
+    if isinstance(value, jax.core.Tracer) or (name == "learning_rate" and callable(value)):
+      continue
+    low, high, expected = ranges[name]
+    if (isinstance(value, (bool, str)) or np.ndim(value) != 0
+        or not low <= float(value) < high):
+      raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _check_keys(keys: Any) -> None:
+  if not isinstance(keys, AdapterKeys):
+    raise TypeError(f"keys must be an AdapterKeys (e.g. AdapterKeys(a='lora_A', b='lora_B')), got "
+                    f"{keys!r}")
+
+
+def _check_pairs(params, paths: Sequence[Path], keys: AdapterKeys) -> None:
+  """Every pair's shapes, at ``init``: a mismatch would otherwise surface at the first step."""
+  for path in paths:
+    _effective(get_path(params, path), keys, dotted(path) or "<root>")
+
+
 def _factors(a: jax.Array, b: jax.Array, scale: Any) -> _Factors:
   dtype = compute_dtype(jnp.result_type(a, b))
   rank = a.shape[-1]
@@ -224,6 +253,7 @@ def _adjust_flat(factors, grads, y, ridge):
 
 def _one_pair(a, b, grad_a, grad_b, scale):
   check_pair(a, b, where="pair")
+  validate_scale(scale, {DEFAULT_KEYS.a: a, DEFAULT_KEYS.b: b})
   factors = _factors(a, b, scale)
   return factors, _flat_grads(factors, grad_a, grad_b, a.shape, b.shape, "pair")
 
@@ -327,7 +357,12 @@ def _collect(updates, params, scale, keys, caller):
   factors, grads = [], []
   for path in paths:
     where = dotted(path) or "<root>"
-    node, grad_node = get_path(params, path), get_path(updates, path)
+    node = get_path(params, path)
+    try:
+      grad_node = get_path(updates, path)
+    except KeyError:
+      raise ValueError(f"{caller}: the updates have no entry for the adapter pair {where}: they "
+                       "must mirror the params") from None
     a, b = _effective(node, keys, where)
     pair = _factors(a, b, scale_at(scale, path))
     factors.append(pair)
@@ -376,9 +411,10 @@ def lora_pro_project(scale, *, y: str = "sylvester", ridge=1e-8,
     keys: key names of the factors inside adapter nodes.
   """
   _check_options(y, ridge)
+  _check_keys(keys)
 
   def init_fn(params):
-    _pair_paths(params, keys, "lora_pro_project")
+    _check_pairs(params, _pair_paths(params, keys, "lora_pro_project"), keys)
     validate_scale(scale, params, keys)
     return optax.EmptyState()
 
@@ -445,9 +481,14 @@ def lora_pro_full_direction(scale, *, inner: optax.GradientTransformation, y: st
     keys: key names of the factors inside adapter nodes.
   """
   _check_options(y, ridge)
+  _check_keys(keys)
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(f"inner must be an optax GradientTransformation (e.g. optax.scale_by_adam()), "
+                    f"got {inner!r}")
 
   def init_fn(params):
     paths = _pair_paths(params, keys, "lora_pro_full_direction")
+    _check_pairs(params, paths, keys)
     validate_scale(scale, params, keys)
     kernels = []
     for path in paths:
@@ -545,6 +586,7 @@ def lora_pro(learning_rate, scale, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0
     ridge: δ of the ridge inverse ``pinv(M + δ·I)``.
     keys: key names of the factors inside adapter nodes.
   """
+  _check_adam(learning_rate, b1, b2, eps, weight_decay)
   adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   return optax.chain(lora_pro_project(scale, y=y, ridge=ridge, keys=keys),
                      _in_compute_dtype(adamw))
@@ -591,6 +633,7 @@ def lora_pro_full(learning_rate, scale, *, b1=0.9, b2=0.999, eps=1e-8, weight_de
     ridge: δ of the ridge inverse ``pinv(M + δ·I)``.
     keys: key names of the factors inside adapter nodes.
   """
+  _check_adam(learning_rate, b1, b2, eps, weight_decay)
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   return optax.chain(
       lora_pro_full_direction(scale, inner=adam if inner is None else inner, y=y, ridge=ridge,

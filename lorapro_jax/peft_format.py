@@ -239,6 +239,9 @@ def export_peft(adapters: Any, config: LoRAConfig, directory: str | os.PathLike,
     overwrite: replace existing files (default: refuse).
   """
   from safetensors.numpy import save
+  if not isinstance(config, LoRAConfig):
+    raise TypeError(f"export_peft needs the LoRAConfig the adapters were trained with, got "
+                    f"{type(config).__name__}")
   record = get_family(family)
   _check_prefix(prefix)
   directory = os.fspath(directory)

@@ -89,6 +89,13 @@ def combine(base: Any, trainable: Any) -> dict:
   return out
 
 
+def _kernel_of(node: Mapping, path: Path) -> jax.Array:
+  if "kernel" not in node:
+    raise ValueError(f"adapter {dotted(path) or '<root>'} has no kernel next to it (keys "
+                     f"{sorted(map(str, node))}): pass the full params, combine(base, trainable)")
+  return node["kernel"]
+
+
 def _fold(kernel: jax.Array, node: Mapping, path: Path, config: LoRAConfig, sign: float):
   """``kernel + sign * s * A diag(c) B`` in float32, reshaped to the kernel's layout."""
   delta = kernel_update(node[DEFAULT_KEYS.a], node[DEFAULT_KEYS.b], node.get(DEFAULT_KEYS.c),
@@ -114,7 +121,7 @@ def merge(params: Any, config: LoRAConfig) -> Any:
 
   def fold(path, node):
     out = {k: v for k, v in node.items() if k not in ADAPTER_LEAVES}
-    out["kernel"] = _fold(node["kernel"], node, path, config, 1.0)
+    out["kernel"] = _fold(_kernel_of(node, path), node, path, config, 1.0)
     return out
 
   return map_adapters(fold, params)
@@ -131,7 +138,7 @@ def unmerge(merged: Any, trainable: Any, config: LoRAConfig) -> dict:
   """
 
   def unfold(path, node):
-    return {**node, "kernel": _fold(node["kernel"], node, path, config, -1.0)}
+    return {**node, "kernel": _fold(_kernel_of(node, path), node, path, config, -1.0)}
 
   return map_adapters(unfold, combine(merged, trainable))
 

@@ -411,7 +411,7 @@ def test_truncated_metadata_is_a_clear_error(tmp_path):
 def test_bad_arguments_are_named(tmp_path):
   with pytest.raises(ValueError, match=r"best_mode must be 'max' or 'min', got 'up'"):
     TrainCheckpointer(tmp_path, CONFIG, best_mode="up")
-  with pytest.raises(ValueError, match=r"keep must be >= 1"):
+  with pytest.raises(ValueError, match=r"keep must be an int >= 1, got 0"):
     TrainCheckpointer(tmp_path, CONFIG, keep=0)
   checkpoints = TrainCheckpointer(tmp_path, CONFIG, best_metric="accuracy", async_save=False)
   with pytest.raises(KeyError, match=r"best_metric 'accuracy' is not among the metrics \['f1'\]"):

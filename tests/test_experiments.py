@@ -145,3 +145,90 @@ def test_mesh_run_matches_single_device(tmp_path):
   np.testing.assert_allclose([h["loss"] for h in meshed["history"]],
                              [h["loss"] for h in single["history"]], rtol=1e-5)
   assert meshed["final"] == single["final"]
+
+
+# ------------------------------------------------------------------- the comparison protocol
+
+
+def _fake_train(calls, best_lr):
+  """A stand-in for training: validation accuracy peaks at ``best_lr[method]`` (log scale);
+  the test metric is deliberately anti-correlated with it, so using it to choose would show."""
+
+  def train(method, lr, seed, with_test):
+    calls.append((method, lr, seed, with_test))
+    distance = math.log10(lr / best_lr[method])
+    record = {"loss": [1.0, 0.5 + 0.01 * seed], "trainable_params": 7,
+              "validation": {"accuracy": 0.9 - 0.1 * distance ** 2 + 0.001 * seed}}
+    if with_test:
+      record["test"] = {"accuracy": 0.5 + 0.1 * distance + 0.01 * seed}
+    return record
+  return train
+
+
+def test_protocol_selects_on_validation_and_touches_test_once_per_seed(tmp_path):
+  from experiments.compare import LR_CENTRES, Protocol, run_protocol
+  protocol = Protocol(points=5, span=2.0, select_seeds=(0, 1), test_seeds=(0, 1, 2, 3, 4))
+  best = {"full": 1.6e-5, "lora": 1e-2, "lora_pro": 1e-3}   # an edge, an inner point, the centre
+  calls = []
+  results = run_protocol(_fake_train(calls, best), list(best), protocol, "accuracy",
+                         str(tmp_path))
+  for method in best:
+    grid = protocol.grid(method)
+    assert len(grid) == 5 and grid[2] == pytest.approx(LR_CENTRES[method])
+    np.testing.assert_allclose(np.diff(np.log10(grid)), 0.5)          # 2 decades, log-spaced
+    # the choice, recomputed: the best mean validation accuracy over the selection seeds
+    means = {lr: np.mean([0.9 - 0.1 * math.log10(lr / best[method]) ** 2 + 0.001 * s
+                          for s in (0, 1)]) for lr in grid}
+    chosen = max(means, key=means.get)
+    assert results["selection"][method]["lr"] == chosen
+    grid_calls = [c for c in calls if c[0] == method and not c[3]]
+    test_calls = [c for c in calls if c[0] == method and c[3]]
+    assert sorted(grid_calls) == sorted((method, lr, s, False) for lr in grid for s in (0, 1))
+    assert test_calls == [(method, chosen, s, True) for s in range(5)]   # once per seed
+    assert calls.index(test_calls[0]) > max(calls.index(c) for c in grid_calls)
+    row = results["results"][method]
+    values = [0.5 + 0.1 * math.log10(chosen / best[method]) + 0.01 * s for s in range(5)]
+    assert row["test_accuracy"]["values"] == pytest.approx(values)
+    assert row["test_accuracy"]["mean"] == pytest.approx(np.mean(values))
+    assert row["test_accuracy"]["std"] == pytest.approx(np.std(values, ddof=1))
+  # every run is a file: a second call trains nothing and returns the same results
+  again = run_protocol(lambda *args: pytest.fail(f"retrained {args}"), list(best), protocol,
+                       "accuracy", str(tmp_path))
+  assert again == json.loads(json.dumps(results))
+  # a spent budget starts nothing and reports the run as incomplete
+  assert run_protocol(_fake_train([], best), ["lora"], protocol, "accuracy",
+                      str(tmp_path / "other"), budget_seconds=0.0) is None
+  assert not (tmp_path / "other").exists()
+
+
+def test_protocol_ties_and_divergence_pick_the_smaller_or_finite_rate(tmp_path):
+  from experiments.compare import Protocol, run_protocol
+  protocol = Protocol(points=3, select_seeds=(0,), test_seeds=(0, 1))
+
+  def train(method, lr, seed, with_test):
+    flat = {"accuracy": float("nan") if lr == protocol.grid(method)[0] else 0.7}
+    return {"loss": [1.0], "trainable_params": 1, "validation": flat,
+            **({"test": flat} if with_test else {})}
+  results = run_protocol(train, ["lora"], protocol, "accuracy", str(tmp_path))
+  assert results["selection"]["lora"]["lr"] == protocol.grid("lora")[1]
+
+
+@pytest.mark.parametrize("task,methods", [("vader_sentiment", ["lora_pro"]),
+                                          ("vader_rating", ["lora", "--points", "2"])])
+def test_compare_quick_runs_end_to_end(task, methods, tmp_path):
+  from experiments.compare import QUICK, main
+  payload = main(["--task", task, "--quick", "--tiny", "--out", str(tmp_path), "--methods",
+                  *methods])
+  method = methods[0]
+  folder = tmp_path / task
+  for name in ("compare.json", "compare.md", "lr_sweep.png", "loss_curves.png"):
+    assert (folder / name).stat().st_size > 0
+  written = json.loads((folder / "compare.json").read_text())
+  points = 2 if "--points" in methods else QUICK.points
+  assert len(written["grid"]) == points * len(QUICK.select_seeds)
+  assert payload["selection"][method]["lr"] in {r["lr"] for r in written["grid"]}
+  row = written["results"][method]
+  assert len(row[f"test_{written['metric']}"]["values"]) == len(QUICK.test_seeds)
+  assert all(math.isfinite(v) for v in row[f"test_{written['metric']}"]["values"])
+  assert len(list((folder / "runs" / method).glob("*_test.json"))) == len(QUICK.test_seeds)
+  assert f"| {method} |" in (folder / "compare.md").read_text()

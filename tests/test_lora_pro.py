@@ -468,7 +468,7 @@ def test_bad_input_raises_clear_errors():
   with pytest.raises(ValueError, match="ridge must be a number >= 0, got -1.0"):
     lora_pro_adjust(jnp.ones((3, 2)), jnp.ones((2, 3)), jnp.ones((3, 2)), jnp.ones((2, 3)), 1.0,
                     ridge=-1.0)
-  with pytest.raises(ValueError, match="must be > 0"):
+  with pytest.raises(ValueError, match="must be a finite number > 0"):
     lora_pro(1e-3, 0.0).init(params)
   with pytest.raises(KeyError, match="mlp"):
     lora_pro_project({"encoder": {"query": 2.0}}).update(grads, optax.EmptyState(), params)

@@ -115,9 +115,10 @@ def _reference_chain(name, lr, scale, clip, weight_decay):
 
 
 def _train(optimizer, trainable, grad_fn, steps):
+  update = jax.jit(optimizer.update)
   state = optimizer.init(trainable)
   for step in range(steps):
-    updates, state = optimizer.update(grad_fn(trainable, step), state, trainable)
+    updates, state = update(grad_fn(trainable, step), state, trainable)
     trainable = optax.apply_updates(trainable, updates)
   return trainable, state
 
@@ -148,6 +149,28 @@ def test_each_chain_equals_its_written_out_chain_and_ends_in_dynamic_rank_iff_it
     assert not np.allclose(finals[a]["hidden"]["lora_a"], finals[b]["hidden"]["lora_a"]), (a, b)
   # pruning reached its target: 3 components, 2 of them live after the last event
   assert int(np.sum(np.asarray(finals["dynamic_rank"]["hidden"]["lora_c"]) != 0)) == RANK
+
+
+def test_every_chain_takes_its_learning_rate_from_inject_hyperparams(prepared, problem):
+  """experiments/compare.py compiles one step per method: the peak rate lives in the optimizer
+  state. The injected chain must update exactly as the chain built with the number."""
+  x, _ = problem
+  for name in NAMES:
+    lora, _, _, trainable = prepared[name]
+    method = METHODS[name]
+    scale = None if lora is None else lora.scales(trainable)
+
+    def chain(peak, method=method, scale=scale):
+      return method.optimizer(optax.linear_schedule(0.0, peak, 5), scale=scale,
+                              dynamic=_dynamic(method))
+
+    grad_fn = lambda t, step: jax.tree.map(lambda leaf: jnp.cos(leaf + step), t)
+    injected = optax.inject_hyperparams(chain)
+    got, state = _train(optax.GradientTransformationExtraArgs(
+        injected(peak=3e-2).init, injected(peak=1.0).update), trainable, grad_fn, STEPS)
+    want, _ = _train(chain(3e-2), trainable, grad_fn, STEPS)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+    assert float(state.hyperparams["peak"]) == pytest.approx(3e-2)
 
 
 def test_clipping_is_optional_and_comes_first():
