@@ -119,8 +119,12 @@ def train_phase(name: str, model, base, batch: int, seq: int, steps: int, mesh):
   rows_per_batch = batch * (1 if mesh is None else mesh.size)
   step = make_train_step(causal_lm_loss(adapted), optimizer, compute_dtype=jnp.bfloat16,
                          **placement)
+  state = None
   while True:
-    # a fresh state per attempt: a step that ran out of memory may have consumed the donated one
+    # a fresh state per attempt (a step that ran out of memory may have consumed the donated
+    # one); the old one is dropped first: LoRA-Pro full's moments alone are 52 GB at 7B
+    state = None
+    gc.collect()
     state = TrainState.create(trainable, optimizer, jax.random.key(3))
     if mesh is not None:
       state = jax.device_put(state, placement["state_sharding"])
@@ -163,7 +167,11 @@ def train_phase(name: str, model, base, batch: int, seq: int, steps: int, mesh):
             "trainable_params": count_params(state.trainable),
             "opt_state_gib": sum(x.size * x.dtype.itemsize
                                  for x in jax.tree.leaves(state.opt_state)) / 2**30,
-            "temp_gib_per_device": None if memory is None else memory.temp_size_in_bytes / 2**30,
+            # the compiled step's own footprint per device: inputs + outputs (less the donated
+            # buffers they share) + temporaries; peak_gib also counts TrainState.create's copies
+            "step_gib_per_device": None if memory is None else (
+                memory.argument_size_in_bytes + memory.output_size_in_bytes
+                - memory.alias_size_in_bytes + memory.temp_size_in_bytes) / 2**30,
             "peak_gib": peak_gib()}
   return result, adapted, state.trainable
 
@@ -217,12 +225,13 @@ def table(report: dict) -> str:
            f"write: {report['write']['params']:,} params, {report['write']['gib_on_disk']:.2f} "
            f"GiB in {report['write']['write_s']:.1f} s ({len(report['write']['files'])} files); "
            f"load_pretrained: {report['load_s']:.1f} s",
-           "", "| method | batch x seq | compile s | ms/step | tokens/s | peak GiB |",
-           "|---|---|---:|---:|---:|---:|"]
+           "", "| method | batch x seq | compile s | ms/step | tokens/s | peak GiB | step GiB |",
+           "|---|---|---:|---:|---:|---:|---:|"]
   for r in report["train"]:
     peak = "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
     lines.append(f"| {r['method']} | {r['batch']} x {r['seq']} | {r['compile_s']:.1f} | "
-                 f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {peak} |")
+                 f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {peak} | "
+                 f"{r['step_gib_per_device']:.1f} |")
   d = report["decode"]
   lines += ["", f"greedy decoding, batch {d['batch']}, prompts <= {d['prompt']}, "
                 f"{d['new_tokens']} new tokens (LoRA injected):",
@@ -244,11 +253,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--decode-batch", type=int, help="default 32 (tiny 4)")
   parser.add_argument("--prompt", type=int, help="prompt slots (default 128; tiny 16)")
   parser.add_argument("--new", type=int, help="new tokens (default 128; tiny 8)")
+  parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch"),
+                      help="what the backward pass keeps of each layer (DecoderConfig.remat)")
   parser.add_argument("--fsdp", type=int, default=0, help="(data, fsdp) mesh over all devices")
   parser.add_argument("--workdir", help="where the checkpoint goes (default: a temporary folder, "
                       "removed at the end)")
   parser.add_argument("--out", help="JSON report path")
   args = parser.parse_args(argv)
+  jax.config.update("jax_enable_compilation_cache", False)  # compile_s: compilation, not a read
   tiny = args.tiny
   batch = args.batch or (2 if tiny else 4)
   seq = args.seq or (32 if tiny else 1024)
@@ -264,12 +276,12 @@ def main(argv=None) -> dict:
   report = {"device": getattr(device, "device_kind", str(device)),
             "device_count": 1 if mesh is None else mesh.size, "jax": jax.__version__,
             "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "shape": "tiny" if tiny else "llama2_7b", "fsdp": args.fsdp}
+            "shape": "tiny" if tiny else "llama2_7b", "fsdp": args.fsdp, "remat": args.remat}
   try:
     report["write"] = write_checkpoint(TINY if tiny else LLAMA2_7B, directory)
     gc.collect()
     start = time.perf_counter()
-    model, base = load_pretrained(directory, mesh=mesh)
+    model, base = load_pretrained(directory, mesh=mesh, overrides={"remat": args.remat})
     jax.block_until_ready(base)
     report["load_s"] = time.perf_counter() - start
     report["load_peak_gib"] = peak_gib()

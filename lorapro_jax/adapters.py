@@ -168,7 +168,8 @@ def validate_scale(scale: Any, tree: Any, keys: AdapterKeys = DEFAULT_KEYS) -> N
     if isinstance(value, jax.core.Tracer):  # e.g. under optax.inject_hyperparams: known later
       continue
     array = np.asarray(value)
-    if array.dtype.kind not in "iuf" or not np.all(np.isfinite(array) & (array > 0)):
+    if (not jax.dtypes.issubdtype(array.dtype, np.number)  # bfloat16 included, bool not
+        or not np.all(np.isfinite(array) & (array > 0))):
       raise ValueError(f"LoRA scale must be a finite number > 0, got {value!r} for {where}")
   if isinstance(scale, Mapping):
     extra = [dotted(tuple(map(str, path))) for path in traverse_util.flatten_dict(scale)

@@ -60,6 +60,7 @@ from lorapro_jax.dynamic_rank import DynamicRankConfig, rank_pattern, shrink
 from lorapro_jax.methods import METHODS
 from lorapro_jax.metrics import exact_match
 from lorapro_jax.models import generate, load_pretrained, preset, save_pretrained
+from lorapro_jax.models.decoder import REMAT_POLICIES
 from lorapro_jax.peft_format import export_merged, export_peft
 from lorapro_jax.schedules import make_schedule
 from lorapro_jax.sharding import (batch_sharding, initialize_distributed, make_mesh,
@@ -69,7 +70,6 @@ from lorapro_jax.train import (TrainState, cast_floating, evaluate, fit, make_ev
 from lorapro_jax.trees import combine, count_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMATS = ("none", "full", "dots", "dots_no_batch")
 # fields a resumed run may change: they shape evaluation, checkpoint cadence and export only
 RESUMABLE_CHANGES = ("eval_file", "eval_every", "eval_batch_size", "max_eval_examples",
                      "max_new_tokens", "save_every", "merged", "mesh")
@@ -136,7 +136,7 @@ class FinetuneConfig:
   base_dtype: str = _field("bfloat16", "dtype the frozen base weights are stored in",
                            choices=list(DTYPES))
   remat: str = _field("none", "what the backward pass keeps of each layer (memory vs speed)",
-                      choices=list(REMATS))
+                      choices=list(REMAT_POLICIES))
   mesh: tuple[int, int] | None = _field(None, "data,fsdp device mesh, e.g. 1,8 (default: one "
                                         "device)", parse=_optional(_int_tuple))
   dem_weight: float = _field(0.0, "dynamic rank's DEM penalty weight")
@@ -155,8 +155,8 @@ class FinetuneConfig:
     for name in ("compute_dtype", "base_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} {getattr(self, name)!r}: expected one of {list(DTYPES)}")
-    if self.remat not in REMATS:
-      raise ValueError(f"remat {self.remat!r}: expected one of {REMATS}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r}: expected one of {REMAT_POLICIES}")
     if self.mesh is not None and len(self.mesh) != 2:
       raise ValueError(f"mesh must be (data, fsdp), got {self.mesh!r}")
     if self.max_new_tokens < 1 or self.eval_batch_size < 1 or self.save_every < 1:
@@ -239,10 +239,13 @@ def causal_lm_loss(model: Any):
 
 
 def _check_resumable(path: str, config: FinetuneConfig) -> None:
-  """The run directory's recorded config must agree with ``config`` where training depends on
-  it; records it on the first run."""
+  """Once a run has a checkpoint, its recorded config must agree with ``config`` where training
+  depends on it; records ``config`` otherwise (a run that failed before its first checkpoint may
+  be started again with other settings)."""
   current = dataclasses.asdict(config)
-  if os.path.exists(path):
+  checkpoints = os.path.join(os.path.dirname(path), "checkpoints")
+  started = os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
+  if started and os.path.exists(path):
     with open(path, encoding="utf-8") as handle:
       recorded = json.load(handle)
     current_json = json.loads(json.dumps(current))
@@ -279,6 +282,13 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
   if examples < config.batch_size:
     raise ValueError(f"{config.train_file} gives {examples} rows, fewer than one batch of "
                      f"{config.batch_size}")
+  hosts = jax.process_count()  # each host feeds its own rows of every batch
+  if config.batch_size % hosts:
+    raise ValueError(f"batch_size {config.batch_size} does not split over {hosts} hosts")
+  prompts = eval_rows = None
+  if config.eval_file:  # read and checked before the model: a bad eval file fails fast
+    eval_rows = load_instruction_json(config.eval_file, max_examples=config.max_eval_examples)
+    prompts = encode_prompts(tokenizer, eval_rows["prompt"], config.max_length)
   total_steps = math.ceil(config.epochs * (examples // config.batch_size))
   if config.max_steps is not None:
     total_steps = min(total_steps, config.max_steps)
@@ -316,9 +326,6 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
                                accum_steps=config.accum_steps, compute_dtype=compute_dtype,
                                regularizer=method.regularizer(dynamic), **placement)
 
-  hosts = jax.process_count()
-  if config.batch_size % hosts:
-    raise ValueError(f"batch_size {config.batch_size} does not split over {hosts} hosts")
   batches = BatchIterator(host_shard(train, jax.process_index(), hosts),
                           config.batch_size // hosts, seed=config.seed)
   checkpoints = TrainCheckpointer(os.path.join(config.out, "checkpoints"), lora, keep=2,
@@ -331,7 +338,8 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
 
   evaluate_fn = None
   if config.eval_file:
-    evaluate_fn = _gsm8k_evaluator(config, adapted, base, tokenizer, compute_dtype)
+    evaluate_fn = _gsm8k_evaluator(config, adapted, base, tokenizer, prompts, eval_rows["answer"],
+                                   compute_dtype)
 
   def evaluated(step: int) -> bool:
     return evaluate_fn is not None and (step == stop or (config.eval_every > 0
@@ -363,11 +371,10 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
 
 
 def _gsm8k_evaluator(config: FinetuneConfig, adapted: Any, base: Any, tokenizer: Any,
+                     prompts: Mapping[str, np.ndarray], answers: Sequence[str],
                      compute_dtype: Any):
-  """``evaluate_fn(state) -> {"exact_match"}``: greedy KV-cache decoding of the eval prompts,
-  the final number of each generation against the reference's (after ``####``)."""
-  rows = load_instruction_json(config.eval_file, max_examples=config.max_eval_examples)
-  prompts = encode_prompts(tokenizer, rows["prompt"], config.max_length)
+  """``evaluate_fn(state) -> {"exact_match"}``: greedy KV-cache decoding of the (left-padded)
+  eval prompts, the final number of each generation against the reference ``answers``."""
   stops, pad = stop_ids(tokenizer, config.model), pad_id(tokenizer)
 
   def predict(params, batch):
@@ -384,7 +391,7 @@ def _gsm8k_evaluator(config: FinetuneConfig, adapted: Any, base: Any, tokenizer:
     def score(predictions, labels, mask):
       texts = tokenizer.batch_decode(np.asarray(predictions), skip_special_tokens=True)
       predicted = [extract_answer(text) for text in texts]
-      references = [rows["answer"][i] for i in labels]
+      references = [answers[i] for i in labels]
       if jax.process_index() == 0:
         records = [{"row": int(i), "generated": text, "predicted": p, "answer": r,
                     "correct": p == r}

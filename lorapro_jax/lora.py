@@ -240,8 +240,12 @@ class LoRAConfig:
     return hash(json.dumps(self.to_dict(), sort_keys=True))
 
   def is_target(self, path: Path) -> bool:
-    """Whether the linear layer at ``path`` gets an adapter."""
+    """Whether the linear layer at ``path`` gets an adapter: targeted, not excluded, and not
+    inside a ``modules_to_save`` subtree (trained in full; PEFT's rule too)."""
     if any(path_matches(pattern, path) for pattern in self.exclude):
+      return False
+    if any(path_matches(pattern, path[:end]) for pattern in self.modules_to_save
+           for end in range(1, len(path) + 1)):
       return False
     return any(_target_matches(pattern, path) for pattern in self.targets)
 

@@ -61,6 +61,17 @@ def untouched(directory):
   assert _digest(directory) == before
 
 
+def test_untouched_sees_every_change(tmp_path):
+  (tmp_path / "weights").write_bytes(b"1")
+  for change in (lambda: (tmp_path / "weights").write_bytes(b"2"),
+                 lambda: os.chmod(tmp_path / "weights", 0o600),
+                 lambda: (tmp_path / "new").mkdir(),
+                 lambda: os.remove(tmp_path / "weights")):
+    with pytest.raises(AssertionError):
+      with untouched(tmp_path):
+        change()
+
+
 def _nest(path, leaf):
   for key in reversed(path):
     leaf = {key: leaf}

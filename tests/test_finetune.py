@@ -2,7 +2,8 @@
 PyTorch classes, and ``lorapro_jax.finetune`` run with the experiments' LLaMA-2 MetaMathQA ->
 GSM8K config on a tiny checkpoint (its own WordLevel tokenizer, local JSONL rows): training,
 GSM8K-style scoring checked against PyTorch's greedy decoding of the exported model, the PEFT
-adapter against the merged model, and a pre-empted run that resumes to exactly the same run."""
+adapter against the merged model, a pre-empted run that resumes to exactly the same run, and the
+same run on a (data, fsdp) mesh."""
 import dataclasses
 import json
 import os
@@ -289,3 +290,18 @@ def test_preempted_run_resumes_exactly_from_the_command_line(straight, tmp_path)
   with pytest.raises(ValueError, match=r"holds a run with another configuration \(rank: 8 "
                                        r"recorded, 4 now\)"):
     finetune(dataclasses.replace(resumed, rank=4))
+
+
+def test_mesh_run_matches_one_device(straight, tmp_path):
+  """--mesh 2,4 on the 8 fake CPU devices (base and optimizer state split along fsdp, rows over
+  both axes, GSM8K decoding on the sharded params) takes the one-device run's steps."""
+  config, _ = straight
+  data = tmp_path / "rows.jsonl"
+  data.write_text("".join(json.dumps(row) + "\n" for row in ROWS * 2))
+  config = dataclasses.replace(config, train_file=str(data), batch_size=8, merged=False)
+  runs = {mesh: finetune(dataclasses.replace(config, out=str(tmp_path / str(mesh)), mesh=mesh),
+                         stop_after=2, progress=False)
+          for mesh in (None, (2, 4))}
+  np.testing.assert_allclose([h["loss"] for h in runs[(2, 4)]["history"]],
+                             [h["loss"] for h in runs[None]["history"]], rtol=1e-6)
+  assert runs[(2, 4)]["final"] == runs[None]["final"]

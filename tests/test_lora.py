@@ -93,6 +93,89 @@ def test_to_dict_round_trips_through_json():
   assert data["param_dtype"] == "bfloat16" and data["targets"] == ["query"]
 
 
+# --------------------------------------------------------------------------- PEFT's words
+
+PEFT_MODULES = ["bert.encoder.layer.0.attention.self.query",
+                "bert.encoder.layer.0.attention.self.value",
+                "bert.encoder.layer.1.attention.self.query",
+                "bert.encoder.layer.1.attention.self.value",
+                "bert.encoder.layer.1.attention.output.dense", "bert.encoder.layer.1.output.dense",
+                "bert.pooler.dense", "classifier"]
+
+
+def test_peft_keywords_are_our_fields():
+  peft_words = LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=True,
+                          target_modules=["query", "value"], modules_to_save=["classifier"])
+  assert peft_words == LoRAConfig(rank=4, alpha=8.0, dropout=0.1, rslora=True,
+                                  targets=("query", "value"), modules_to_save=("classifier",))
+  assert [f.name for f in dataclasses.fields(LoRAConfig)] == list(peft_words.to_dict())
+  assert LoRAConfig.from_dict(json.loads(json.dumps(peft_words.to_dict()))) == peft_words
+  # one PEFT target_modules string is a regex over the whole path; "all-linear" is PEFT's too
+  regex = LoRAConfig(target_modules=r".*layer\.1\..*query")
+  assert [regex.is_target(tuple(m.split("."))) for m in PEFT_MODULES[:3]] == [False, False, True]
+  assert LoRAConfig(target_modules="all-linear").targets == ("all-linear",)
+
+
+@pytest.fixture(scope="module")
+def peft():
+  return pytest.importorskip("peft")
+
+
+def test_from_peft_selects_ranks_and_scales_as_peft_does(peft, tmp_path):
+  """PEFT's own rules (check_target_module_exists, get_pattern_key) against ours, module by
+  module, for a config PEFT itself wrote."""
+  from peft.tuners.tuners_utils import check_target_module_exists
+  from peft.utils.other import get_pattern_key
+  peft_config = peft.LoraConfig(
+      r=4, lora_alpha=8, use_rslora=True, lora_dropout=0.05,
+      target_modules=r".*\.(query|value|dense)", exclude_modules=["output.dense"],
+      rank_pattern={"layer.1.attention.self.query": 2, r"layer\.0\..*": 6},
+      alpha_pattern={"value": 3.0}, modules_to_save=["pooler"])
+  peft_config.save_pretrained(tmp_path)
+  ours = LoRAConfig.from_peft(tmp_path)
+  assert (ours.rank, ours.alpha, ours.dropout, ours.rslora) == (4, 8.0, 0.05, True)
+  assert ours.exclude == ("output.dense",) and ours.modules_to_save == ("pooler",)
+  targeted = []
+  for name in PEFT_MODULES:
+    path = tuple(name.split("."))
+    assert ours.is_target(path) == bool(check_target_module_exists(peft_config, name)), name
+    if not ours.is_target(path):
+      continue
+    targeted.append(name)
+    rank = peft_config.rank_pattern.get(get_pattern_key(peft_config.rank_pattern, name),
+                                        peft_config.r)
+    alpha = peft_config.alpha_pattern.get(get_pattern_key(peft_config.alpha_pattern, name),
+                                          peft_config.lora_alpha)
+    assert (ours.rank_for(path), ours.alpha_for(path)) == (rank, alpha), name
+    assert ours.scale_for(path) == alpha / math.sqrt(rank), name
+  assert targeted == PEFT_MODULES[:4]  # the output denses are excluded, the pooler is saved
+  assert LoRAConfig.from_peft(tmp_path / "adapter_config.json") == ours
+  assert LoRAConfig.from_peft(peft_config.to_dict()) == ours
+
+
+def test_print_trainable_parameters_prints_peft_line(peft, capsys):
+  torch = pytest.importorskip("torch")
+  from lorapro_jax.trees import print_trainable_parameters
+
+  class Net(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.hidden, self.out = torch.nn.Linear(5, 6), torch.nn.Linear(6, 3)
+
+  peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["hidden"])
+                      ).print_trainable_parameters()
+  theirs = capsys.readouterr().out
+  base = {"hidden": {"kernel": np.zeros((5, 6)), "bias": np.zeros(6)},
+          "out": {"kernel": np.zeros((6, 3)), "bias": np.zeros(3)}}
+  trainable = {"hidden": {"lora_a": np.zeros((5, 2)), "lora_b": np.zeros((2, 6))}}
+  assert print_trainable_parameters(trainable, base) == (22, 22 + 36 + 21)
+  assert capsys.readouterr().out == theirs
+  # the full params as base count each leaf once
+  assert print_trainable_parameters(trainable, {**base, "hidden": {**base["hidden"],
+                                                                   **trainable["hidden"]}}) == (
+      22, 79)
+
+
 # ------------------------------------------------------------------------------------ layers
 
 
