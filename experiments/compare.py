@@ -71,7 +71,8 @@ from experiments.results_table import mean_std  # noqa: E402
 from lorapro_jax.data.batching import (BatchIterator, eval_batches, split_arrays,  # noqa: E402
                                        tokenize)
 from lorapro_jax.data.vader import load_vader_lexicon, vader_sentiment  # noqa: E402
-from lorapro_jax.demo import build_method, classifier_inputs, minilm_path  # noqa: E402
+from lorapro_jax.demo import (build_method, classifier_inputs, load_minilm,  # noqa: E402
+                             minilm_path)
 from lorapro_jax.methods import METHODS  # noqa: E402
 from lorapro_jax.schedules import make_schedule  # noqa: E402
 from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step,  # noqa: E402
@@ -169,7 +170,7 @@ def load_encoder(tiny: bool, tokenizer: Any):
   """The pretrained MiniLM-L6 (or, ``tiny``, a random 2-layer BERT of width 32)."""
   from transformers import BertConfig, FlaxBertModel
   if not tiny:
-    return FlaxBertModel.from_pretrained(minilm_path())
+    return load_minilm()
   return FlaxBertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32,
                                   num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64), seed=0)

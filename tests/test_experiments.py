@@ -232,3 +232,24 @@ def test_compare_quick_runs_end_to_end(task, methods, tmp_path):
   assert all(math.isfinite(v) for v in row[f"test_{written['metric']}"]["values"])
   assert len(list((folder / "runs" / method).glob("*_test.json"))) == len(QUICK.test_seeds)
   assert f"| {method} |" in (folder / "compare.md").read_text()
+
+
+def test_minilm_dir_override_loads_float16_weights_as_float32(tmp_path, monkeypatch):
+  """compare_gpu.sh carries a float16 copy of MiniLM-L6 named by $LORAPRO_MINILM_DIR: the
+  loader must read it from there and hand back float32 params equal to the stored values."""
+  import jax
+  from transformers import BertConfig, FlaxBertModel
+
+  from lorapro_jax.demo import MINILM_DIR_ENV, load_minilm, minilm_path
+  monkeypatch.setenv(MINILM_DIR_ENV, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    minilm_path()
+  small = FlaxBertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=16), seed=0)
+  stored = small.to_fp16(small.params)
+  small.save_pretrained(tmp_path, params=stored)
+  assert minilm_path() == str(tmp_path)
+  loaded = load_minilm()
+  for got, want in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(stored), strict=True):
+    assert got.dtype == np.float32 and want.dtype == np.float16
+    np.testing.assert_array_equal(got, np.asarray(want, np.float32))
