@@ -162,12 +162,9 @@ def main(argv=None):
   state, base = TrainState.create(setup.trainable, optimizer, jax.random.key(3)), setup.base
   shardings = {}
   if args.fsdp:
-    from lorapro_jax.sharding import (batch_sharding, make_mesh, param_shardings,
-                                      state_shardings)
+    from lorapro_jax.sharding import make_mesh, train_shardings
     mesh = make_mesh(fsdp=args.fsdp)
-    shardings = dict(state_sharding=state_shardings(state, base, mesh),
-                     base_sharding=param_shardings(base, mesh),
-                     batch_sharding=batch_sharding(mesh))
+    shardings = train_shardings(state, base, mesh)
     state = jax.device_put(state, shardings["state_sharding"])
     base = jax.device_put(base, shardings["base_sharding"])
     data = jax.device_put(data, shardings["batch_sharding"])

@@ -34,7 +34,7 @@ import common  # noqa: E402
 import jax_step  # noqa: E402
 
 from lorapro_jax.methods import METHODS  # noqa: E402
-from lorapro_jax.sharding import batch_sharding, make_mesh, param_shardings, state_shardings  # noqa: E402
+from lorapro_jax.sharding import make_mesh, train_shardings  # noqa: E402
 from lorapro_jax.train import TrainState, make_train_step  # noqa: E402
 
 
@@ -45,10 +45,7 @@ def run(method: str, scale: str, steps: int, mesh_shape: tuple[int, int] | None,
   state, base = TrainState.create(setup.trainable, setup.optimizer, jax.random.key(3)), setup.base
   shardings = {}
   if mesh_shape is not None:
-    mesh = make_mesh(*mesh_shape)
-    shardings = dict(state_sharding=state_shardings(state, base, mesh),
-                     base_sharding=param_shardings(base, mesh),
-                     batch_sharding=batch_sharding(mesh))
+    shardings = train_shardings(state, base, make_mesh(*mesh_shape))
     state = jax.device_put(state, shardings["state_sharding"])
     base = jax.device_put(base, shardings["base_sharding"])
     batch = jax.device_put(batch, shardings["batch_sharding"])

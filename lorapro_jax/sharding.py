@@ -128,6 +128,19 @@ def state_shardings(state: Any, base: Any, mesh: Mesh, *, keys: AdapterKeys = DE
       opt_state=param_shardings(state.opt_state, mesh, min_shard_size))
 
 
+def train_shardings(state: Any, base: Any, mesh: Mesh, **options: Any) -> dict[str, Any]:
+  """The keywords of :func:`lorapro_jax.train.make_train_step` for ``mesh``: the state's
+  (:func:`state_shardings`), the frozen base's (:func:`param_shardings`) and the batch's.
+
+  ``jax.device_put(x, shardings[...])`` places each of them; ``options`` go to
+  :func:`state_shardings` (``keys``, ``min_shard_size``).
+  """
+  return dict(state_sharding=state_shardings(state, base, mesh, **options),
+              base_sharding=param_shardings(base, mesh,
+                                            options.get("min_shard_size", 2 ** 10)),
+              batch_sharding=batch_sharding(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Rows split over every device (``data × fsdp``), other axes whole."""
   return _named(mesh, P((DATA, FSDP)))
