@@ -58,6 +58,7 @@ from flax.traverse_util import unflatten_dict
 
 from lorapro_jax.adapters import AdapterKeys, Path, dotted
 from lorapro_jax.inject import check_matches
+from lorapro_jax.trees import layout_differences
 from lorapro_jax.lora import (KernelLayout, LoRAConfig, adapter_dropout, adapter_initializers,
                               dense_general_layout, dense_layout, einsum_layout, kernel_update,
                               low_rank_update)
@@ -257,6 +258,30 @@ def scales(model: Any) -> dict:
   if not found:
     raise ValueError(f"{type(model).__name__} holds no LoRALayer or nnx.LoRA module")
   return unflatten_dict(found)
+
+
+def load_adapters(model: Any, tree: Any) -> None:
+  """Writes the adapter arrays of ``tree`` (a plain nested dict as :func:`adapters` returns it,
+  e.g. from :func:`~lorapro_jax.peft_format.import_peft`) into ``model``'s ``nnx.LoRAParam``
+  Variables, in place and cast to their dtypes. Paths and shapes must agree exactly: any
+  difference is a ValueError listing them, and nothing is written.
+
+  The PEFT round trip: ``adapters, config = import_peft(directory, family=...)``, then
+  ``model = inject(base, config, rngs=...)`` and ``load_adapters(model, adapters)``.
+  """
+  differences = layout_differences(tree, adapters(model), got_name="given adapters",
+                                   expected_name="model's adapters", dtypes=False)
+  if differences:
+    raise ValueError("the adapters do not fit the model (nothing was loaded):\n  "
+                     + "\n  ".join(differences))
+  state = nnx.state(model, nnx.LoRAParam)
+
+  def fill(target, given):  # the model's own keys (ints for list items), the given values
+    return {key: fill(value, given[str(key)]) if isinstance(value, dict)
+            else jnp.asarray(given[str(key)], value.dtype) for key, value in target.items()}
+
+  nnx.replace_by_pure_dict(state, fill(nnx.to_pure_dict(state), tree))
+  nnx.update(model, state)
 
 
 def adapters(model: Any) -> dict:

@@ -543,3 +543,13 @@ def test_dynamic_rank_trained_nnx_model_exports_to_peft_with_pytorch_outputs(tmp
     loaded = peft.PeftModel.from_pretrained(torch_model, str(tmp_path))
     np.testing.assert_allclose(loaded(torch.tensor(np.asarray(x))).numpy(), ours, rtol=0,
                                atol=1e-5)
+  # ... and back: the PEFT directory imported into a fresh NNX model gives the same outputs.
+  from lorapro_jax.peft_format import import_peft
+  imported, imported_config = import_peft(tmp_path, family="llama")
+  fresh = lnnx.inject(TinyDecoder(nnx.Rngs(0)), imported_config, rngs=nnx.Rngs(5))
+  assert not np.allclose(np.asarray(fresh(x)), ours, atol=1e-3)  # B = 0: not loaded yet
+  lnnx.load_adapters(fresh, imported)
+  np.testing.assert_allclose(np.asarray(fresh(x)), ours, rtol=0, atol=1e-5)
+  wrong = jax.tree.map(lambda a: a[..., :1] if a.ndim == 2 else a, imported)
+  with pytest.raises(ValueError, match="do not fit the model"):
+    lnnx.load_adapters(fresh, wrong)
