@@ -104,17 +104,18 @@ MINILM_TARGETS = ("query", "key", "value", "output.dense", "intermediate.dense")
 
 
 def minilm_task(n_words: int = 64, seq_len: int = 8, rank: int = 8, alpha: float = 16.0,
-                seed: int = 0) -> Task:
-  """MiniLM-L6 (pretrained, offline) + LoRA on all attention/FFN kernels, VADER rating regression."""
-  from transformers import AutoTokenizer, FlaxBertModel
+                seed: int = 0, num_layers: int = 6) -> Task:
+  """MiniLM-L6 (pretrained, offline; its first ``num_layers`` layers) + LoRA on all attention/FFN
+  kernels, VADER rating regression."""
+  from transformers import AutoTokenizer
 
   from lorapro_jax.data.batching import tokenize
   from lorapro_jax.data.vader import load_vader_lexicon
-  from lorapro_jax.demo import minilm_path
+  from lorapro_jax.demo import load_minilm, minilm_path
   from lorapro_jax.inject import init_adapters, inject
   from lorapro_jax.lora import LoRAConfig
 
-  bert = FlaxBertModel.from_pretrained(minilm_path())
+  bert = load_minilm(num_hidden_layers=num_layers)
   tokenizer = AutoTokenizer.from_pretrained(minilm_path())
   lexicon = load_vader_lexicon()
   alphabetic = np.array([str(word).isalpha() for word in lexicon["text"]])

@@ -48,6 +48,7 @@ RANK = 4 if TINY else 8
 SYNTHETIC_STEPS = 40 if TINY else 200
 MINILM_STEPS = 4 if TINY else 60           # full-batch steps per method on MiniLM-L6
 MINILM_WORDS = 16 if TINY else 256         # VADER words in the MiniLM batch
+MINILM_LAYERS = 1 if TINY else 6           # layers of MiniLM-L6 kept (6 = the whole encoder)
 MINILM_METHODS = ("lora", "lora_pro") if TINY else ("lora", "lora_pro", "lora_pro_full", "full")
 
 # %%
@@ -166,7 +167,8 @@ gradient_alignment.summary(synthetic)
 # linear head regressing the human sentiment rating of VADER lexicon words.
 
 # %%
-minilm = gradient_alignment.run(gradient_alignment.minilm_task(n_words=MINILM_WORDS, rank=RANK),
+minilm = gradient_alignment.run(gradient_alignment.minilm_task(n_words=MINILM_WORDS, rank=RANK,
+                                                                num_layers=MINILM_LAYERS),
                                 MINILM_STEPS, 1e-3, methods=MINILM_METHODS)
 plot_alignment(minilm, "MiniLM-L6")
 gradient_alignment.summary(minilm)
