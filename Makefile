@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
 export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/.jax_cache
 
-.PHONY: demo test install clean
+.PHONY: demo test compare install clean
 
 $(STAMP): setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests --doctest-modules lorapro_jax
+
+# Issue 18's method comparison on every task (about an hour on 2 cores; resumable): the README's
+# results section and results/compare/ come from it.
+compare: $(STAMP)
+	$(PY) experiments/compare.py --out results/compare
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache

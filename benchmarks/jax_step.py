@@ -26,21 +26,34 @@ axes) with the scale's batch per device (weak scaling); the numbers stay per dev
 ``global_tokens_per_s`` and the largest per-device peak memory are added.
 ``--breakdown`` also times the gradient alone (loss + backward, no optimizer), so that the
 optimizer's share of the step is the difference.
+
+Start-up is reported next to the timed median: ``compile_s``, the XLA compilation of the train
+step alone (compiled ahead of time, ``step.lower(...).compile()``; ``lower_s`` is the tracing and
+lowering before it, ``backend_compile_s`` jax's own timing of the XLA compile inside it from
+``jax.monitoring``, ``compile_cache_hit`` whether a persistent compilation cache answered), and
+``first_step_s``, the seconds from the top of this script (before jax is imported) to the first
+finished step, blocked: imports, model build, tracing, compilation and one step. The steps then
+run the compiled executable itself, so the compile is paid once; ``compiles_in_steps`` counts the
+XLA compilations seen during the steps (0 expected).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
-import sys
 import time
 
-from typing import Any, NamedTuple
+# Taken before jax (or anything heavy) is imported: first_step_s counts the imports too.
+PROCESS_START = time.perf_counter()
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from typing import Any, NamedTuple  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -58,6 +71,45 @@ LEARNING_RATE = 1e-4
 # steps inside the pruning phase so that scores, masks and events are all live.
 DYNAMIC = DynamicRankConfig(total_steps=40, target_rank=common.LORA_RANK, dem_weight=0.1)
 DYNRANK_START_STEP = 8
+# What jax records for every XLA (backend) compilation, and for a compile answered by the
+# persistent compilation cache instead (when one is configured).
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+class CompileCounter:
+  """Counts XLA compilations and persistent-cache hits while ``active`` (``jax.monitoring``).
+
+  Tells whether the ahead-of-time compile was a real one (not a cache hit), and checks that the
+  warm-up and timed steps run the compiled executable without compiling the step again.
+  """
+
+  def __init__(self):
+    self.compiles = 0
+    self.compile_seconds = 0.0
+    self.cache_hits = 0
+    self.active = False
+    jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+    jax.monitoring.register_event_listener(self._on_event)
+
+  def _on_duration(self, event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if self.active and event == BACKEND_COMPILE_EVENT:
+      self.compiles += 1
+      self.compile_seconds += duration
+
+  def _on_event(self, event: str, **kwargs) -> None:
+    del kwargs
+    if self.active and event == CACHE_HIT_EVENT:
+      self.cache_hits += 1
+
+  def reset(self) -> None:
+    self.compiles, self.compile_seconds, self.cache_hits = 0, 0.0, 0
+
+  def close(self) -> None:
+    self.active = False
+    jax.monitoring.unregister_event_duration_listener(self._on_duration)
+    jax.monitoring.unregister_event_listener(self._on_event)
 
 
 class Setup(NamedTuple):
@@ -148,6 +200,11 @@ def main(argv=None):
                       help="shard over all devices on a (data, fsdp) mesh with this fsdp size "
                            "(0: one device)")
   args = parser.parse_args(argv)
+  # the first warm-up step is the one first_step_s ends with; the median needs a timed step
+  if args.warmup < 1:
+    parser.error(f"--warmup must be >= 1 (the first step is a warm-up step), got {args.warmup}")
+  if args.steps < 1:
+    parser.error(f"--steps must be >= 1, got {args.steps}")
 
   from lorapro_jax.train import TrainState, make_train_step
   from lorapro_jax.trees import count_params
@@ -168,13 +225,32 @@ def main(argv=None):
     state = jax.device_put(state, shardings["state_sharding"])
     base = jax.device_put(base, shardings["base_sharding"])
     data = jax.device_put(data, shardings["batch_sharding"])
-  train_step = make_train_step(loss_fn, optimizer, regularizer=setup.regularizer, **shardings)
+  jitted_step = make_train_step(loss_fn, optimizer, regularizer=setup.regularizer, **shardings)
+
+  # Ahead of time, so that the XLA compile is timed alone (the sharded step's .lower sets the mesh
+  # for tracing); the steps below call the compiled executable, which never compiles again.
+  compiles = CompileCounter()
+  start = time.perf_counter()
+  lowered = jitted_step.lower(state, base, data)
+  lower_s = time.perf_counter() - start
+  compiles.active = True
+  start = time.perf_counter()
+  train_step = lowered.compile()
+  compile_s = time.perf_counter() - start
+  # a persistent compilation cache (if one is configured) would make compile_s a cache read
+  compile_cache_hit = compiles.cache_hits > 0
+  backend_compile_s = compiles.compile_seconds  # jax's own timing of the XLA compile inside it
+  compiles.reset()
 
   losses = []
   warmup = args.warmup
   if setup.method.prunes:  # time inside the pruning phase
     warmup = max(warmup, DYNRANK_START_STEP)
-  for _ in range(warmup):
+  state, metrics = train_step(state, base, data)
+  jax.block_until_ready((state, metrics))
+  first_step_s = time.perf_counter() - PROCESS_START
+  losses.append(float(metrics["loss"]))
+  for _ in range(warmup - 1):
     state, metrics = train_step(state, base, data)
     losses.append(float(metrics["loss"]))
   times = []
@@ -184,6 +260,11 @@ def main(argv=None):
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - start)
   losses.append(float(metrics["loss"]))
+  compiles.close()
+  compiles_in_steps = compiles.compiles + compiles.cache_hits
+  if compiles_in_steps:
+    print(f"WARNING: {compiles_in_steps} compilation(s) during the steps; expected none after "
+          "the ahead-of-time compile", flush=True)
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"non-finite loss in {args.mode}: {losses}")
 
@@ -220,11 +301,15 @@ def main(argv=None):
       remat=args.remat, scan_unroll=config.scan_unroll, xla_flags=os.environ.get("XLA_FLAGS", ""),
       base_dtype=args.base_dtype if setup.method.adapters else "float32",
       rank=setup.rank, trainable_params=trainable_count,
-      opt_state_gib=opt_bytes / 2**30, losses=losses,
+      opt_state_gib=opt_bytes / 2**30, losses=losses, first_step_s=first_step_s,
+      compile_s=compile_s, backend_compile_s=backend_compile_s, lower_s=lower_s,
+      compile_cache_hit=compile_cache_hit,
+      compiles_in_steps=compiles_in_steps,
       versions=dict(jax=jax.__version__), **extra)
   if args.fsdp:
     result["global_tokens_per_s"] = result["tokens_per_s"] * devices
   common.write_result(result, args.out)
+  return result
 
 
 if __name__ == "__main__":

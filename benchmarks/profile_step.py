@@ -26,6 +26,9 @@ import jax_step  # noqa: E402
 
 def category(name: str, long_name: str) -> str:
   text = (name + " " + long_name).lower()
+  if any(word in text for word in ("all-reduce", "all-gather", "reduce-scatter", "nccl",
+                                    "collective-permute", "all-to-all")):
+    return "collective"
   if "cudnn" in text or "fmha" in text or "flash" in text or "dot_product_attention" in text:
     return "attention"
   if "gemm" in text or "cublas" in text or "dot(" in text or "triton" in text or "nvjet" in text:
@@ -78,22 +81,32 @@ def main(argv=None):
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--hlo", action="store_true")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--fsdp", type=int, default=0,
+                      help="as jax_step.py: shard over all devices on a (data, fsdp) mesh with "
+                           "this fsdp size (0: one device)")
   args = parser.parse_args(argv)
 
   from lorapro_jax.train import TrainState, make_train_step
   setup = jax_step.build(args.scale, args.mode, args.remat, jnp.bfloat16, args.scan_unroll)
   config = setup.config
   batch, seq_len = common.SCALES[args.scale]["batch"], common.SCALES[args.scale]["seq_len"]
+  batch *= jax.device_count() if args.fsdp else 1   # weak scaling, as jax_step.py
   tokens = jax.random.randint(jax.random.key(2), (batch, seq_len + 1), 0, config.vocab_size)
   data = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
   state, base = TrainState.create(setup.trainable, setup.optimizer, jax.random.key(3)), setup.base
-  train_step = jax.jit(make_train_step(jax_step.next_token_loss(setup.model), setup.optimizer,
-                                       jit=False, regularizer=setup.regularizer),
-                       donate_argnums=(0,))
+  shardings = {}
+  if args.fsdp:
+    from lorapro_jax.sharding import make_mesh, train_shardings
+    shardings = train_shardings(state, base, make_mesh(fsdp=args.fsdp))
+    state = jax.device_put(state, shardings["state_sharding"])
+    base = jax.device_put(base, shardings["base_sharding"])
+    data = jax.device_put(data, shardings["batch_sharding"])
+  train_step = make_train_step(jax_step.next_token_loss(setup.model), setup.optimizer,
+                               regularizer=setup.regularizer, **shardings)
   if args.hlo and args.out:
     os.makedirs(args.out, exist_ok=True)
     text = train_step.lower(state, base, data).compile().as_text()
-    name = f"hlo_{args.scale}_{args.mode}_u{config.scan_unroll}.txt"
+    name = f"hlo_{args.scale}_{args.mode}_u{config.scan_unroll}_fsdp{args.fsdp}.txt"
     with open(os.path.join(args.out, name), "w") as f:
       f.write(text)
   for _ in range(3):
@@ -104,7 +117,8 @@ def main(argv=None):
     for _ in range(args.steps):
       state, metrics = train_step(state, base, data)
     jax.block_until_ready((state, metrics))
-  print(f"== profile {args.scale} {args.mode} remat={args.remat} scan_unroll={config.scan_unroll}")
+  print(f"== profile {args.scale} {args.mode} remat={args.remat} scan_unroll={config.scan_unroll}"
+        f" fsdp={args.fsdp} devices={jax.device_count() if args.fsdp else 1}")
   summarise(trace_dir, args.steps, args.top)
 
 

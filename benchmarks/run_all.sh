@@ -5,8 +5,11 @@
 #   benchmarks/run_all.sh [section ...]      sections: env jax torch micro profile (default: the first four)
 #
 # Environment: OUT (results folder, default benchmarks/results/local), SCALES ("1b base"; "tiny" on
-# a CPU), JAX_MODES, TORCH_MODES, PROFILE_MODES, JAX_ARGS (extra jax_step.py flags), BREAKDOWN
-# (1: also time the gradient alone), STEPS (timed steps, default 10), PY (python, default python3).
+# a CPU), JAX_MODES, TORCH_MODES (eager), TORCH_COMPILED_MODES (run again under torch.compile,
+# default "lora full": issue 16's peft_lora_compiled / full_compiled; "" for none), TORCH_COMPILE
+# (their torch.compile mode: default or max-autotune-no-cudagraphs), PROFILE_MODES, JAX_ARGS
+# (extra jax_step.py flags), BREAKDOWN (1: also time the gradient alone), STEPS (timed steps,
+# default 10), PY (python, default python3).
 # On the device machine the PyTorch side needs transformers 4.57 / peft / lora-pro-adamw carried as
 # wheels in .whl/ (see benchmarks/README.md); they are installed to /tmp/site when .whl/ exists.
 set -u
@@ -15,6 +18,8 @@ OUT=${OUT:-benchmarks/results/local}
 SCALES=${SCALES:-"1b base"}
 JAX_MODES=${JAX_MODES:-"full lora lora_pro lora_pro_full dynamic_rank lora_pro_dynamic_rank lora_r12 lora_r12_gated"}
 TORCH_MODES=${TORCH_MODES:-"lora full lora_pro lora_pro_full"}
+TORCH_COMPILED_MODES=${TORCH_COMPILED_MODES-"lora full"}
+TORCH_COMPILE=${TORCH_COMPILE:-default}
 STEPS=${STEPS:-10}
 PY=${PY:-python3}
 SECTIONS=${*:-"env jax torch micro"}
@@ -41,10 +46,14 @@ for section in $SECTIONS; do
           --out "$OUT" $extra ${JAX_ARGS:-} >> "$OUT/jax.log" 2>&1 || echo "FAILED jax $scale $mode (rc $?)" | tee -a "$OUT/jax.log"
       done; done ;;
     torch)
-      for scale in $SCALES; do for mode in $TORCH_MODES; do
-        echo "== torch $scale $mode" | tee -a "$OUT/torch.log"
+      # "mode:compile" pairs: the eager peers, then the compiled ones
+      runs=""; for mode in $TORCH_MODES; do runs="$runs $mode:none"; done
+      for mode in $TORCH_COMPILED_MODES; do runs="$runs $mode:$TORCH_COMPILE"; done
+      for scale in $SCALES; do for run in $runs; do
+        mode=${run%%:*}; compile=${run#*:}
+        echo "== torch $scale $mode compile $compile" | tee -a "$OUT/torch.log"
         PYTHONPATH=$TORCH_PATH timeout 400 $PY benchmarks/torch_peers.py --scale "$scale" --mode "$mode" \
-          --steps "$STEPS" --out "$OUT" >> "$OUT/torch.log" 2>&1 || echo "FAILED torch $scale $mode (rc $?)" | tee -a "$OUT/torch.log"
+          --compile "$compile" --steps "$STEPS" --out "$OUT" >> "$OUT/torch.log" 2>&1 || echo "FAILED torch $scale $mode compile $compile (rc $?)" | tee -a "$OUT/torch.log"
         tail -n 1 "$OUT/results.jsonl" 2>/dev/null | cut -c1-160
       done; done ;;
     profile)

@@ -10,17 +10,32 @@ Hugging Face ``LlamaForCausalLM`` (transformers 4.57, SDPA attention) with the s
   ``LoRAProAdamW`` (PyPI) in its two modes (``efficient`` / ``full``).
 
 The modes are the names of ``lorapro_jax.methods.METHODS`` (not imported: this process loads no
-jax). Usage: python benchmarks/torch_peers.py --scale 1b --mode lora [--steps 10] [--out DIR]
+jax). ``--compile default`` (or ``max-autotune-no-cudagraphs``) wraps the model, PEFT LoRA and full
+fine-tuning alike, in ``torch.compile(model, mode=...)`` (the optimizer step stays eager); the
+issue's ``peft_lora_compiled`` / ``full_compiled`` peers are ``--mode lora --compile default`` /
+``--mode full --compile default``. ``first_step_s`` is the time from the top of this script
+(before torch is imported) to the first finished step, synchronized; ``first_call_s`` is that
+first step alone, which under ``torch.compile`` holds Dynamo's tracing and the backend's compile
+(``compile_cache_hits`` > 0: partly answered by Inductor's / AOTAutograd's on-disk caches, warm
+from an earlier process on the same machine; ``graphs_in_steps``: graphs captured while timing,
+i.e. recompiles, 0 expected).
+
+Usage: python benchmarks/torch_peers.py --scale 1b --mode lora [--compile default] [--steps 10]
+       [--out DIR]
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
-from typing import NamedTuple
 
-import torch
+# Taken before torch (or anything heavy) is imported: first_step_s counts the imports too.
+PROCESS_START = time.perf_counter()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from typing import NamedTuple  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -32,6 +47,33 @@ class Peer(NamedTuple):
 
 MODES = {"full": Peer(False, None), "lora": Peer(True, None),
          "lora_pro": Peer(True, "efficient"), "lora_pro_full": Peer(True, "full")}
+# --compile: "none" runs eager; the others are torch.compile modes ("default" is mode=None)
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
+
+
+def compile_model(model, compile_mode: str, backend: str = "inductor"):
+  """``model`` under ``torch.compile`` (``compile_mode`` of :data:`COMPILE_MODES`), or itself.
+
+  The optimizer keeps the uncompiled module: the compiled wrapper shares its parameters.
+  ``mode`` only means something to inductor, so other backends (``aot_eager``, to check the
+  tracing where no C++ compiler is installed) get none.
+  """
+  if compile_mode not in COMPILE_MODES:
+    raise ValueError(f"unknown compile mode {compile_mode!r}; expected one of {COMPILE_MODES}")
+  if compile_mode == "none":
+    return model
+  mode = None if compile_mode == "default" or backend != "inductor" else compile_mode
+  return torch.compile(model, mode=mode, backend=backend)
+
+
+def dynamo_counts() -> dict:
+  """Dynamo's graphs captured so far and the compile-cache hits (Inductor's FX graph cache,
+  AOTAutograd's cache), from ``torch._dynamo.utils.counters``: a warm cache makes a compiled
+  peer's first step shorter than a fresh machine's, so the rows say which they had."""
+  from torch._dynamo.utils import counters
+  return dict(graphs=counters["stats"]["unique_graphs"],
+              cache_hits=counters["inductor"]["fxgraph_cache_hit"]
+              + counters["aot_autograd"]["autograd_cache_hit"])
 
 
 def build(scale: str, mode: str, device: str):
@@ -74,12 +116,22 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                      help="torch.compile the model in this mode (none: eager)")
+  parser.add_argument("--compile-backend", default="inductor",
+                      help="torch.compile backend (inductor; aot_eager checks the tracing alone)")
   args = parser.parse_args(argv)
+  # the first warm-up step is the one first_step_s ends with; the median needs a timed step
+  if args.warmup < 1:
+    parser.error(f"--warmup must be >= 1 (the first step is a warm-up step), got {args.warmup}")
+  if args.steps < 1:
+    parser.error(f"--steps must be >= 1, got {args.steps}")
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch.backends.cuda.matmul.allow_tf32 = True
   model, optimizer = build(args.scale, args.mode, device)
   model.train()
+  forward = compile_model(model, args.compile, args.compile_backend)
   batch, seq_len = common.SCALES[args.scale]["batch"], common.SCALES[args.scale]["seq_len"]
   gen = torch.Generator(device="cpu").manual_seed(0)
   tokens = torch.randint(0, common.SCALES[args.scale]["vocab_size"], (batch, seq_len),
@@ -88,16 +140,23 @@ def main(argv=None):
 
   def step():
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
-      loss = model(input_ids=tokens, labels=tokens).loss
+      loss = forward(input_ids=tokens, labels=tokens).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
 
-  losses = []
-  for _ in range(args.warmup):
+  # the first step alone: under torch.compile it traces and compiles the forward and backward
+  start = time.perf_counter()
+  losses = [float(step().detach())]  # reading the loss waits for the step
+  sync()
+  first_step_s = time.perf_counter() - PROCESS_START
+  first_call_s = time.perf_counter() - start
+  for _ in range(args.warmup - 1):
     losses.append(float(step().detach()))
   sync()
+  compiled = args.compile != "none"
+  after_warmup = dynamo_counts() if compiled else None
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
   times = []
@@ -107,17 +166,31 @@ def main(argv=None):
     sync()
     times.append(time.perf_counter() - start)
   losses.append(float(loss.detach()))
+  extra = {}
+  if compiled:  # graphs captured while timing would mean recompiles inside the median
+    end = dynamo_counts()
+    extra = dict(compiled_graphs=end["graphs"],
+                 graphs_in_steps=end["graphs"] - after_warmup["graphs"],
+                 compile_cache_hits=end["cache_hits"])
+    if extra["graphs_in_steps"]:
+      print(f"WARNING: torch.compile captured {extra['graphs_in_steps']} graph(s) during the timed "
+            "steps (recompiles); expected none after the warm-up", flush=True)
   peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
   name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
   trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
   import transformers
   result = common.summarize(
-      times, scale=args.scale, train_base=not MODES[args.mode].adapters, device_name=name, peak_bytes=peak,
+      times, scale=args.scale, train_base=not MODES[args.mode].adapters, device_name=name,
+      peak_bytes=peak,
       framework="torch", mode=args.mode, trainable_params=trainable, losses=losses,
-      versions=dict(torch=torch.__version__, transformers=transformers.__version__))
+      compile=args.compile,
+      compile_backend=args.compile_backend if args.compile != "none" else None,
+      first_step_s=first_step_s, first_call_s=first_call_s,
+      versions=dict(torch=torch.__version__, transformers=transformers.__version__), **extra)
   if not all(map(lambda x: x == x and abs(x) < 1e4, losses)):
     raise FloatingPointError(f"non-finite loss in {args.mode}: {losses}")
   common.write_result(result, args.out)
+  return result
 
 
 if __name__ == "__main__":

@@ -9,29 +9,39 @@ steps and the same batches (the batch order depends on the seed only):
    seed, and is evaluated on the validation split only;
 2. **select**: per method, the rate with the best validation metric, averaged over the selection
    seeds (ties: the smaller rate; a diverged run counts as the worst);
-3. **test**: the chosen rate trains again with each test seed and is evaluated on the validation
-   split and, once per seed, on the test split: reported as mean ± sample std (ddof = 1). (A run
-   depends only on its method, rate and seed, so a test seed that was also a selection seed
-   trains exactly its grid run again; weights are not kept between phases.)
+3. **test**: the chosen rate with each test seed, evaluated on the validation split and, once per
+   seed, on the test split: reported as mean ± sample std (ddof = 1). A test seed that is also a
+   selection seed is the grid's run at that rate (same rate, same seed: the same training), so
+   only the other test seeds train.
 
-The default protocol is 7 methods × (5 rates × 2 selection seeds + 5 test seeds) = 105 runs of
-200 updates of 32 words per task. Every finished run is one JSON file
-(``<out>/<task>/runs/<method>/...``) and a run whose file exists is not run again, so the same
-command resumes: with ``--budget-minutes M`` it starts no run after M minutes and exits with
-status 3 (incomplete; run it again), which fits 10-minute calls on a GPU machine. Once every run exists it writes ``compare.json`` (protocol, full grid, selection,
-test results), ``compare.md`` (the table) and two plots into ``<out>/<task>``:
-``lr_sweep.png`` (validation metric against learning rate per method, band ±1 std over the
-selection seeds, the chosen rate's test mean ± std marked) and ``loss_curves.png`` (training loss
-at the chosen rate, mean ± std over the test seeds). The test split is never used to choose.
+The default protocol is 7 methods × (5 rates × 2 selection seeds + 3 more test seeds) = 91 runs of
+150 updates of 32 words per task (about 25 minutes per task on 2 CPU cores, one run after
+another; a few on a GPU, runs side by side). The runs of a phase train side by side (:class:`MethodTrainer`:
+one ``jax.vmap`` of the library's train step over their stacked states). Every finished method is
+one JSON file (``<out>/<task>/runs/<method>.json``: its grid, choice and test runs) and a method
+whose file exists is not run again, so the same command resumes: with ``--budget-minutes M`` it
+starts no method after M minutes and exits with status 3 (incomplete; run it again), which fits
+10-minute calls on a GPU machine. Once every method of a task exists it writes ``compare.json``
+(protocol, full grid, selection, test results), ``compare.md`` (the table) and two plots into
+``<out>/<task>``: ``lr_sweep.png`` (validation metric against learning rate per method, band ±1
+std over the selection seeds, the chosen rate's test mean ± std marked) and ``loss_curves.png``
+(training loss at the chosen rate, mean ± std over the test seeds). The test split is never used
+to choose.
 
 Tasks, offline, from the VADER lexicon (``vaderSentiment``: 7,517 tokens, each the mean of ten
 human ratings on -4..+4):
 
 * ``vader_sentiment``: is the token positive? Tokens with |mean| < 0.5 are dropped; the test split
   is the demo's seeded 20% dev split (:func:`lorapro_jax.data.vader.vader_sentiment`), validation a
-  seeded 20% of the rest. Accuracy (selects), F1, MCC; baseline: the test split's majority rate.
+  seeded 20% of the rest. Accuracy (selects), F1, MCC.
 * ``vader_rating``: the mean rating / 4 of every token, regressed with a squared error; splits
   made the same way. Pearson (selects) and Spearman.
+* ``vader_intensity``: the mean rating rounded to an integer, 9 classes (-4..+4) of every token;
+  the same splits as ``vader_rating``. Accuracy (selects) and macro F1. Finer than the sign:
+  the pretrained features separate positive from negative words, but not "good" from "great".
+
+Classification tables also give the majority baseline: the training split's most frequent
+class, scored on the test split.
 
 Model: the pretrained MiniLM-L6 encoder + mean pooling + a linear head (:mod:`lorapro_jax.demo`:
 LoRA r = 8, alpha 16 on the attention and MLP projections, dynamic rank from 12 to 8); ``--tiny``
@@ -39,13 +49,9 @@ swaps in a random 2-layer BERT of width 32 (tests, smoke runs).
 
 Usage::
 
-  python experiments/compare.py --task vader_sentiment --out results/compare
+  python experiments/compare.py --out results/compare          # every task (make compare)
   python experiments/compare.py --task vader_rating --out results/compare --budget-minutes 9
   python experiments/compare.py --task vader_sentiment --quick --tiny --out /tmp/compare   # CI
-
-One jitted train step per method serves all its learning rates and seeds: the peak rate is an
-``optax.inject_hyperparams`` hyperparameter held in the optimizer state, not a constant of the
-compiled program.
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ import math
 import os
 import sys
 import time
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -70,13 +77,15 @@ if __package__ in (None, ""):  # run as a script: make ``experiments`` importabl
 from experiments.results_table import mean_std  # noqa: E402
 from lorapro_jax.data.batching import (BatchIterator, eval_batches, split_arrays,  # noqa: E402
                                        tokenize)
-from lorapro_jax.data.vader import load_vader_lexicon, vader_sentiment  # noqa: E402
+from lorapro_jax.data.vader import (load_vader_lexicon, vader_sentiment,  # noqa: E402
+                                    validation_split)
 from lorapro_jax.demo import (build_method, classifier_inputs, load_minilm,  # noqa: E402
                              minilm_path)
 from lorapro_jax.methods import METHODS  # noqa: E402
+from lorapro_jax.metrics import compute_metrics  # noqa: E402
 from lorapro_jax.schedules import make_schedule  # noqa: E402
-from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step,  # noqa: E402
-                               make_train_step, write_json)
+from lorapro_jax.train import (TrainState, make_eval_step, make_train_step,  # noqa: E402
+                               write_json)
 from lorapro_jax.trees import count_params  # noqa: E402
 
 # Geometric centre of each method's learning-rate grid. Adam on the LoRA factors moves them by
@@ -94,13 +103,13 @@ INCOMPLETE = 3  # exit status: the budget ran out before every run finished
 class Protocol:
   """The comparison's settings (saved with the results)."""
 
-  steps: int = 200                 # updates per run (linear schedule, warm-up 6%)
+  steps: int = 150                 # updates per run (linear schedule, warm-up 6%)
   batch_size: int = 32
   points: int = 5                  # learning rates per method
   span: float = 2.0                # decades covered by each grid
   select_seeds: tuple[int, ...] = (0, 1)
   test_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-  max_length: int = 8              # tokens per word (VADER tokens are short)
+  max_length: int = 6              # tokens per word with [CLS] and [SEP] (1% of VADER's are longer)
   max_examples: int | None = None  # rows kept per split (None: all)
 
   def __post_init__(self):
@@ -129,14 +138,21 @@ class Task(NamedTuple):
 
   name: str
   splits: dict[str, dict[str, np.ndarray]]  # "train", "validation", "test"
-  regression: bool                          # one output and a squared error, else 2 classes
+  num_labels: int                           # 1: regression with a squared error
   metrics: tuple[str, ...]                  # the first one selects (higher is better)
-  baseline: float | None                    # majority rate of the test split (classification)
+  baseline: float | None                    # the training split's majority class, scored on test
+
+  @property
+  def regression(self) -> bool:
+    return self.num_labels == 1
 
 
 def _three_way(rest: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, dict]:
-  train, validation = split_arrays(rest, 0.2, seed=1)
+  train, validation = validation_split(rest)
   return {"train": train, "validation": validation, "test": test}
+
+
+INTENSITY_LEVELS = 9  # the mean rating rounded to an integer of -4..+4
 
 
 def vader_splits(name: str) -> dict[str, dict[str, np.ndarray]]:
@@ -145,25 +161,34 @@ def vader_splits(name: str) -> dict[str, dict[str, np.ndarray]]:
     rest, test = vader_sentiment(margin=0.5, dev_fraction=0.2, seed=0)
     return _three_way(rest, test)
   lexicon = load_vader_lexicon()
-  lexicon["label"] = lexicon["rating"] / 4.0  # in [-1, 1]
+  if name == "vader_rating":
+    lexicon["label"] = lexicon["rating"] / 4.0  # in [-1, 1]
+  elif name == "vader_intensity":
+    lexicon["label"] = (np.clip(np.round(lexicon["rating"]), -4, 4) + 4).astype(np.int32)
+  else:
+    raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
   return _three_way(*split_arrays(lexicon, 0.2, seed=0))
 
 
-TASKS = {"vader_sentiment": (False, ("accuracy", "f1", "mcc")),
-         "vader_rating": (True, ("pearson", "spearman"))}
+# name: (outputs, metrics; the first selects)
+TASKS = {"vader_sentiment": (2, ("accuracy", "f1", "mcc")),
+         "vader_rating": (1, ("pearson", "spearman")),
+         "vader_intensity": (INTENSITY_LEVELS, ("accuracy", "f1_macro"))}
 
 
 def load_task(name: str, tokenizer: Any, protocol: Protocol) -> Task:
-  regression, metrics = TASKS[name]
+  num_labels, metrics = TASKS[name]
   splits = {}
   for split, rows in vader_splits(name).items():
     rows = {k: v[:protocol.max_examples] for k, v in rows.items()}
     encoded = tokenize(tokenizer, [str(t) for t in rows["text"]], protocol.max_length)
-    encoded["labels"] = rows["label"].astype(np.float32 if regression else np.int32)
+    encoded["labels"] = rows["label"].astype(np.float32 if num_labels == 1 else np.int32)
     splits[split] = encoded
-  labels = splits["test"]["labels"]
-  baseline = None if regression else float(max(labels.mean(), 1.0 - labels.mean()))
-  return Task(name, splits, regression, metrics, baseline)
+  baseline = None
+  if num_labels > 1:  # always answering the training split's most frequent class
+    majority = np.argmax(np.bincount(splits["train"]["labels"], minlength=num_labels))
+    baseline = float(np.mean(splits["test"]["labels"] == majority))
+  return Task(name, splits, num_labels, metrics, baseline)
 
 
 def load_encoder(tiny: bool, tokenizer: Any):
@@ -179,25 +204,43 @@ def load_encoder(tiny: bool, tokenizer: Any):
 # ---------------------------------------------------------------------------------- training
 
 
-class MethodTrainer:
-  """Trains one method of the table on a task: ``run(lr, seed, with_test) -> record``.
+class Run(NamedTuple):
+  """One trained setting: its record (``lr``, ``seed``, ``loss`` per step, ``validation``
+  metrics, ``trainable_params``) and where its weights are (an index into a group)."""
 
-  The model, the jitted train and eval steps and the optimizer's update are built once; a run
-  builds the seed's head and adapters and an optimizer state holding its peak rate.
+  record: dict[str, Any]
+  group: Any   # the trainer's handle on the weights (never read by the protocol)
+  index: int
+
+
+class MethodTrainer:
+  """Trains one method of the table on a task, many settings at once.
+
+  ``fit(settings)`` trains every ``(lr, seed)`` of ``settings``, ``side_by_side`` at a time
+  (None: all): their states are stacked on a leading axis and one ``jax.vmap`` of the library's
+  train step updates them all (each with its own batches, adapters, head and peak rate; the frozen
+  base is shared). On a GPU that fills the device (the words are short, one run's batch leaves it
+  idle); on a CPU it does not pay (batched products are slower there than one run after another:
+  measured 1.8-2x per run-step on 2 cores), so there ``side_by_side`` is 1 and each run calls the
+  library's jitted step as it is.
+  ``test(runs)`` scores trained runs on the test split. The peak rate is an
+  ``optax.inject_hyperparams`` hyperparameter held in each optimizer state.
   """
 
-  def __init__(self, name: str, task: Task, encoder: Any, protocol: Protocol):
-    self.task, self.protocol = task, protocol
+  def __init__(self, name: str, task: Task, encoder: Any, protocol: Protocol,
+               side_by_side: int | None = None):
+    self.task, self.protocol, self.side_by_side = task, protocol, side_by_side
     self.example = {k: v[:2] for k, v in task.splits["train"].items()}
     self._build = lambda seed: build_method(
         name, encoder.module, encoder.params, self.example, protocol.steps,
-        jax.random.key(seed), num_labels=1 if task.regression else 2)
+        jax.random.key(seed), num_labels=task.num_labels)
     setup = self._build(0)
+    self.base = setup.base
     model, method = setup.model, setup.method
-    self.unit = make_schedule("linear", 1.0, protocol.steps, warmup_ratio=0.06)
+    unit = make_schedule("linear", 1.0, protocol.steps, warmup_ratio=0.06)
 
     def optimizer(peak):
-      return method.optimizer(lambda count: peak * self.unit(count), scale=setup.scale,
+      return method.optimizer(lambda count: peak * unit(count), scale=setup.scale,
                               dynamic=setup.dynamic)
 
     self.optimizer = optax.inject_hyperparams(optimizer)
@@ -205,7 +248,7 @@ class MethodTrainer:
     def outputs(params, batch):
       return model.apply({"params": params}, *classifier_inputs(batch)).astype(jnp.float32)
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng):  # also ``self.loss_fn``: the tests train a run alone
       del rng
       out = outputs(params, batch)
       if task.regression:
@@ -217,40 +260,83 @@ class MethodTrainer:
       out = outputs(params, batch)
       return {"predictions": out[:, 0] if task.regression else jnp.argmax(out, -1)}
 
-    # the update reads the peak from the state, so this one step serves every rate
-    self.train_step = make_train_step(loss_fn, self.optimizer(peak=1.0),
-                                      regularizer=method.regularizer(setup.dynamic))
-    self.eval_step = make_eval_step(predict_fn)
+    self.loss_fn = loss_fn
+    # the update reads each run's peak from its state, so this one step serves every rate
+    step = make_train_step(loss_fn, self.optimizer(peak=1.0), jit=False,
+                           regularizer=method.regularizer(setup.dynamic))
+    self.train_step = jax.jit(step, donate_argnums=0)
+    self.train_steps = jax.jit(jax.vmap(step, in_axes=(0, None, 0)), donate_argnums=0)
+    self.predict = jax.jit(jax.vmap(make_eval_step(predict_fn, jit=False),
+                                    in_axes=(0, None, None)))
 
-  def score(self, state: TrainState, base: Any, split: str) -> dict[str, float]:
-    """The task's metrics of ``state`` on ``split``."""
-    return evaluate(self.eval_step, state, base, eval_batches(self.task.splits[split], 256),
-                    self.task.metrics)
+  def fit(self, settings: Sequence[tuple[float, int]]) -> list[Run]:
+    """Trains every ``(lr, seed)``, ``side_by_side`` at a time: seed ``s`` fixes the head's and
+    adapters' initialisation and the order of the batches, so a setting's result does not depend
+    on what it is trained with."""
+    size = self.side_by_side or len(settings)
+    return [run for start in range(0, len(settings), size)
+            for run in self._fit_group(settings[start:start + size])]
 
-  def run(self, lr: float, seed: int, with_test: bool) -> dict[str, Any]:
-    setup = self._build(seed)
-    state = TrainState.create(setup.trainable, self.optimizer(peak=lr), jax.random.key(seed))
-    started = time.perf_counter()
-    state, results = fit(
-        state, setup.base, self.train_step,
-        BatchIterator(self.task.splits["train"], self.protocol.batch_size, seed=seed),
-        self.protocol.steps, schedule=lambda count: lr * self.unit(count), progress=False)
-    record = {"loss": [h["loss"] for h in results["history"]],
-              "validation": self.score(state, setup.base, "validation"),
-              "trainable_params": count_params(state.trainable),
-              "seconds": time.perf_counter() - started}
-    if with_test:
-      record["test"] = self.score(state, setup.base, "test")
-    return record
+  def _fit_group(self, settings: Sequence[tuple[float, int]]) -> list[Run]:
+    setups = {seed: self._build(seed) for seed in sorted({seed for _, seed in settings})}
+    for setup in setups.values():  # the shared frozen base must be the same for every seed
+      if jax.tree.structure(setup.base) != jax.tree.structure(self.base) or not all(
+          a is b or np.array_equal(a, b)
+          for a, b in zip(jax.tree.leaves(setup.base), jax.tree.leaves(self.base))):
+        raise AssertionError("the frozen base depends on the seed: runs cannot share it")
+    states = [TrainState.create(setups[seed].trainable, self.optimizer(peak=lr),
+                                jax.random.key(seed)) for lr, seed in settings]
+    streams = [BatchIterator(self.task.splits["train"], self.protocol.batch_size, seed=seed)
+               for _, seed in settings]
+    started, losses = time.perf_counter(), []
+    if len(settings) == 1:  # the library's step as it is: no batch axis of one to carry around
+      state, stream = states[0], streams[0]
+      for _ in range(self.protocol.steps):
+        state, metrics = self.train_step(state, self.base, next(stream))
+        losses.append(metrics["loss"][None])
+      stacked = jax.tree.map(lambda x: x[None], state)
+    else:
+      stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+      for _ in range(self.protocol.steps):
+        batches = [next(stream) for stream in streams]
+        batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+        stacked, metrics = self.train_steps(stacked, self.base, batch)
+        losses.append(metrics["loss"])
+    del states
+    losses = np.asarray(jax.device_get(losses), np.float64).T        # (settings, steps)
+    validation = self._score(stacked, "validation")
+    seconds = (time.perf_counter() - started) / len(settings)
+    params = count_params(jax.tree.map(lambda x: x[0], stacked.trainable))
+    return [Run({"lr": lr, "seed": seed, "loss": losses[i].tolist(), "validation": validation[i],
+                 "trainable_params": params, "seconds": seconds}, stacked, i)
+            for i, (lr, seed) in enumerate(settings)]
+
+  def test(self, runs: Sequence[Run]) -> list[dict[str, float]]:
+    """The test metrics of each run (the only place the test split is read)."""
+    scores = {}
+    for group in {id(run.group): run.group for run in runs}.values():
+      scores[id(group)] = self._score(group, "test")
+    return [scores[id(run.group)][run.index] for run in runs]
+
+  def _score(self, stacked: TrainState, split: str) -> list[dict[str, float]]:
+    predictions, labels, masks = [], [], []
+    for batch in eval_batches(self.task.splits[split], 256):
+      predictions.append(np.asarray(self.predict(stacked, self.base, batch)["predictions"]))
+      labels.append(batch["labels"])
+      masks.append(batch["mask"])
+    predictions = np.concatenate(predictions, axis=1)
+    labels, mask = np.concatenate(labels), np.concatenate(masks)
+    return [compute_metrics(self.task.metrics, row, labels, mask) for row in predictions]
 
 
 # ---------------------------------------------------------------------------------- protocol
 
-Train = Callable[[str, float, int, bool], dict]  # (method, lr, seed, with_test) -> record
 
+class Trainer(typing.Protocol):
+  """What :func:`run_protocol` needs of a method's trainer (:class:`MethodTrainer`)."""
 
-def _run_path(run_dir: str, method: str, lr: float, seed: int, with_test: bool) -> str:
-  return os.path.join(run_dir, method, f"lr{lr:.4e}_seed{seed}{'_test' if with_test else ''}.json")
+  def fit(self, settings: Sequence[tuple[float, int]]) -> list[Run]: ...
+  def test(self, runs: Sequence[Run]) -> list[dict[str, float]]: ...
 
 
 def _select(records: Sequence[dict], metric: str) -> tuple[float, dict[float, list[float]]]:
@@ -264,51 +350,63 @@ def _select(records: Sequence[dict], metric: str) -> tuple[float, dict[float, li
   return best, values
 
 
-def run_protocol(train: Train, methods: Sequence[str], protocol: Protocol, metric: str,
-                 run_dir: str, budget_seconds: float | None = None) -> dict[str, Any] | None:
-  """Runs (or reads back) every run of the protocol; the results, or None if the budget ran out.
+def run_method(trainer: Trainer, method: str, protocol: Protocol, metric: str) -> dict[str, Any]:
+  """One method's protocol: the grid with the selection seeds (validation only), the choice,
+  then the test seeds at the chosen rate, each scored once on the test split.
 
-  ``train(method, lr, seed, with_test)`` trains one setting and returns its record: ``loss``
-  (per step), ``validation`` metrics, and ``test`` metrics iff ``with_test``. Only the test phase
-  asks for the test split, once per (method, test seed), at the rate chosen on validation.
+  A test seed that is also a selection seed reuses its grid run (same rate, same seed: the
+  same training), so only the other test seeds train again.
+  """
+  grid = trainer.fit([(lr, seed) for lr in protocol.grid(method)
+                      for seed in protocol.select_seeds])
+  lr, values = _select([run.record for run in grid], metric)
+  reused = {run.record["seed"]: run for run in grid if run.record["lr"] == lr}
+  fresh = [seed for seed in protocol.test_seeds if seed not in reused]
+  trained = {run.record["seed"]: run for run in (trainer.fit([(lr, s) for s in fresh])
+                                                  if fresh else [])}
+  runs = [reused.get(seed) or trained[seed] for seed in protocol.test_seeds]
+  tests = [{**run.record, "test": scores} for run, scores in zip(runs, trainer.test(runs))]
+  return {"grid": [run.record for run in grid],
+          "selection": {"lr": lr, "validation_mean": float(np.mean(values[lr])),
+                        "validation_by_lr": {f"{k:.4e}": v for k, v in sorted(values.items())}},
+          "test": tests}
+
+
+def run_protocol(trainer_of: Callable[[str], Trainer], methods: Sequence[str],
+                 protocol: Protocol, metric: str, run_dir: str,
+                 budget_seconds: float | None = None) -> dict[str, Any] | None:
+  """Runs (or reads back) every method's protocol; the results, or None if the budget ran out.
+
+  Each finished method is one file ``<run_dir>/<method>.json``, read back instead of trained
+  again; with a budget no method starts after ``budget_seconds``.
   """
   started = time.perf_counter()
-
-  def record_of(method: str, lr: float, seed: int, with_test: bool) -> dict | None:
-    path = _run_path(run_dir, method, lr, seed, with_test)
+  done = {}
+  for method in methods:
+    path = os.path.join(run_dir, f"{method}.json")
     if os.path.exists(path):
       with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        done[method] = json.load(handle)
+      continue
     if budget_seconds is not None and time.perf_counter() - started > budget_seconds:
       return None
-    record = {"method": method, "lr": lr, "seed": seed, **train(method, lr, seed, with_test)}
-    write_json(path, record)
-    return record
-
-  grid = {method: [record_of(method, lr, seed, False) for lr in protocol.grid(method)
-                   for seed in protocol.select_seeds] for method in methods}
-  if any(record is None for records in grid.values() for record in records):
-    return None
-  selection, test = {}, {}
-  for method in methods:
-    lr, values = _select(grid[method], metric)
-    selection[method] = {"lr": lr, "validation_mean": float(np.mean(values[lr])),
-                         "validation_by_lr": {f"{k:.4e}": v for k, v in sorted(values.items())}}
-    test[method] = [record_of(method, lr, seed, True) for seed in protocol.test_seeds]
-  if any(record is None for records in test.values() for record in records):
-    return None
+    done[method] = run_method(trainer_of(method), method, protocol, metric)
+    write_json(path, done[method])
   summary = {}
-  for method, records in test.items():
-    summary[method] = {"lr": selection[method]["lr"], "seeds": list(protocol.test_seeds),
+  for method, result in done.items():
+    records = result["test"]
+    summary[method] = {"lr": result["selection"]["lr"], "seeds": list(protocol.test_seeds),
                        "trainable_params": records[0]["trainable_params"]}
     for split in ("validation", "test"):
       for name in records[0][split]:
         mean, std = mean_std(r[split][name] for r in records)
         summary[method][f"{split}_{name}"] = {"mean": mean, "std": std,
                                               "values": [r[split][name] for r in records]}
-  return {"grid": [{k: v for k, v in r.items() if k != "loss"} for rs in grid.values() for r in rs],
-          "selection": selection, "results": summary,
-          "loss_curves": {m: [r["loss"] for r in rs] for m, rs in test.items()}}
+  return {"grid": [{k: v for k, v in r.items() if k != "loss"}
+                   for result in done.values() for r in result["grid"]],
+          "selection": {m: result["selection"] for m, result in done.items()},
+          "results": summary,
+          "loss_curves": {m: [r["loss"] for r in result["test"]] for m, result in done.items()}}
 
 
 # ------------------------------------------------------------------------------------ report
@@ -328,7 +426,7 @@ def markdown_table(payload: dict[str, Any]) -> str:
                  + " | ".join(cells)
                  + f" | {row['trainable_params']:,} |")
   if payload["baseline"] is not None:
-    lines.append(f"\nMajority-class baseline on the test split: {100 * payload['baseline']:.1f}%.")
+    lines.append(f"\nMajority-class baseline (the training split's most frequent class) on the test split: {100 * payload['baseline']:.1f}%.")
   return "\n".join(lines)
 
 
@@ -393,8 +491,12 @@ def write_report(payload: dict[str, Any], out_dir: str) -> None:
 
 def compare(task_name: str, out_dir: str, protocol: Protocol = Protocol(), *,
             methods: Sequence[str] = tuple(METHODS), tiny: bool = False,
-            budget_seconds: float | None = None) -> dict[str, Any] | None:
-  """Runs the protocol for ``task_name``; returns the report's payload (None: incomplete)."""
+            budget_seconds: float | None = None,
+            side_by_side: int | None = None) -> dict[str, Any] | None:
+  """Runs the protocol for ``task_name``; returns the report's payload (None: incomplete).
+
+  ``side_by_side``: runs trained at once (:class:`MethodTrainer`); 0 all of a phase, None the
+  backend's default (1 on a CPU, all elsewhere)."""
   from transformers import AutoTokenizer
   missing = sorted(set(METHODS) - set(LR_CENTRES))
   if missing:
@@ -403,16 +505,13 @@ def compare(task_name: str, out_dir: str, protocol: Protocol = Protocol(), *,
   tokenizer = AutoTokenizer.from_pretrained(minilm_path())
   task = load_task(task_name, tokenizer, protocol)
   encoder = load_encoder(tiny, tokenizer)
-  trainers: dict[str, MethodTrainer] = {}
-
-  def train(method, lr, seed, with_test):
-    if method not in trainers:
-      trainers[method] = MethodTrainer(method, task, encoder, protocol)
-    return trainers[method].run(lr, seed, with_test)
-
   task_dir = os.path.join(out_dir, task_name)
   names = [METHODS[m].name for m in methods]  # an unknown name: a KeyError listing the known
-  results = run_protocol(train, names, protocol, task.metrics[0], os.path.join(task_dir, "runs"),
+  if side_by_side is None and jax.default_backend() == "cpu":
+    side_by_side = 1   # see MethodTrainer: one run after another is faster on a CPU
+  results = run_protocol(lambda method: MethodTrainer(method, task, encoder, protocol,
+                                                      side_by_side or None), names,
+                         protocol, task.metrics[0], os.path.join(task_dir, "runs"),
                          budget_seconds)
   if results is None:
     return None
@@ -421,15 +520,18 @@ def compare(task_name: str, out_dir: str, protocol: Protocol = Protocol(), *,
              "protocol": dataclasses.asdict(protocol), "lr_centres": LR_CENTRES,
              "split_sizes": {k: int(len(v["labels"])) for k, v in task.splits.items()},
              "baseline": task.baseline, "wall_seconds_this_call": time.perf_counter() - started,
+             "device": jax.devices()[0].device_kind, "side_by_side": side_by_side or "all",
              **results}
   write_report(payload, task_dir)
   return payload
 
 
-def main(argv=None) -> dict[str, Any] | None:
+def main(argv=None) -> dict[str, dict[str, Any]]:
+  """Every task named (default: all) in turn; the payloads by task."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--task", required=True, choices=sorted(TASKS))
+  parser.add_argument("--task", nargs="+", default=list(TASKS), choices=list(TASKS),
+                      help="tasks to run, in order (default: all)")
   parser.add_argument("--out", default="results/compare")
   parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
   parser.add_argument("--quick", action="store_true",
@@ -438,21 +540,29 @@ def main(argv=None) -> dict[str, Any] | None:
   parser.add_argument("--steps", type=int)
   parser.add_argument("--points", type=int, help="learning rates per method (default 5)")
   parser.add_argument("--budget-minutes", type=float,
-                      help=f"start no run after this long; exit {INCOMPLETE} if runs remain")
+                      help=f"start no method after this long; exit {INCOMPLETE} if some remain")
+  parser.add_argument("--side-by-side", type=int,
+                      help="runs trained at once by one vmapped step (0: all of a phase; "
+                           "default: 1 on a CPU, all on an accelerator)")
   args = parser.parse_args(argv)
   protocol = QUICK if args.quick else Protocol()
   overrides = {k: v for k, v in (("steps", args.steps), ("points", args.points)) if v is not None}
   protocol = dataclasses.replace(protocol, **overrides)
-  payload = compare(args.task, args.out, protocol, methods=args.methods, tiny=args.tiny,
-                    budget_seconds=None if args.budget_minutes is None
-                    else 60.0 * args.budget_minutes)
-  if payload is None:
-    print("incomplete: the budget ran out; run the same command again to continue")
-    raise SystemExit(INCOMPLETE)
-  print(markdown_table(payload))
-  print(f"wrote {os.path.join(args.out, args.task)}/compare.json, compare.md, lr_sweep.png, "
-        "loss_curves.png")
-  return payload
+  started, payloads = time.perf_counter(), {}
+  for task in args.task:
+    budget = (None if args.budget_minutes is None
+              else 60.0 * args.budget_minutes - (time.perf_counter() - started))
+    payload = compare(task, args.out, protocol, methods=args.methods, tiny=args.tiny,
+                      budget_seconds=budget, side_by_side=args.side_by_side)
+    if payload is None:
+      print("incomplete: the budget ran out; run the same command again to continue")
+      raise SystemExit(INCOMPLETE)
+    print(f"\n{task}:\n{markdown_table(payload)}")
+    print(f"wrote {os.path.join(args.out, task)}/compare.json, compare.md, lr_sweep.png, "
+          "loss_curves.png")
+    payloads[task] = payload
+  print(f"all tasks: {time.perf_counter() - started:.0f} s")
+  return payloads
 
 
 if __name__ == "__main__":

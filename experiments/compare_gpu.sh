@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The comparison of issue 18 (experiments/compare.py, both VADER tasks) on one GPU machine that
+# The comparison of issue 18 (experiments/compare.py, every task) on one GPU machine that
 # has jax, flax, optax, numpy and matplotlib but neither the network, the MiniLM-L6 package,
 # vaderSentiment nor a transformers with Flax classes, in calls of at most 10 minutes whose
 # working tree (and carried folders) must stay under 64 MiB. See docs/training.md.
@@ -13,10 +13,10 @@
 # upcasts them to float32) with its config and tokenizer. Both folders are git-ignored.
 #
 # `run` installs the wheels into $SITE, unpacks the state of earlier calls
-# (.compare_state/compare_state.tar.gz, if carried), runs compare.py for vader_sentiment then
-# vader_rating with a budget so that the call ends inside $BUDGET_MINUTES (default 8) plus one run,
+# (.compare_state/compare_state.tar.gz, if carried), runs compare.py on every task with a budget
+# so that the call ends inside $BUDGET_MINUTES (default 8) plus one method,
 # and writes ONE tarball, $OUT/compare_state.tar.gz (every finished run's JSON, and each finished
-# task's compare.json, compare.md and plots), and $OUT/compare_gpu.log. Exit status 0: both tasks
+# task's compare.json, compare.md and plots), and $OUT/compare_gpu.log. Exit status 0: every task
 # done; 3: runs remain (copy the tarball to .compare_state/ and call again). Between calls:
 #   mkdir -p .compare_state && cp <files_at>/compare_state.tar.gz .compare_state/
 set -uo pipefail
@@ -48,7 +48,7 @@ EOF
 
 run() {
   local started=$SECONDS out=${OUT:-/tmp/compare_out} results=${RESULTS:-/tmp/compare}
-  local budget=${BUDGET_MINUTES:-8} site=${SITE:-/tmp/site} status=0 task left
+  local budget=${BUDGET_MINUTES:-8} site=${SITE:-/tmp/site} status=0 left
   mkdir -p "$out" "$results"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" .whl/*.whl || return 1
@@ -60,14 +60,11 @@ run() {
     tar -xzf .compare_state/compare_state.tar.gz -C "$results"
     echo "resumed: $(find "$results" -name '*.json' -path '*runs*' | wc -l) finished runs"
   fi
-  for task in vader_sentiment vader_rating; do
-    # budget left for this task's runs, less ~40 s to import, load and tokenise
-    left=$(awk -v b="$budget" -v s=$((SECONDS - started)) 'BEGIN { printf "%.2f", b - s / 60 - 0.7 }')
-    if awk -v l="$left" 'BEGIN { exit !(l <= 0) }'; then status=3; break; fi
-    echo "== $task: budget $left min, $((SECONDS - started)) s into the call"
-    "$PYTHON" experiments/compare.py --task "$task" --out "$results" --budget-minutes "$left" "$@"
-    case $? in 0) ;; 3) status=3; break ;; *) status=1; break ;; esac
-  done
+  # the budget left for the methods, less ~40 s to import, load and tokenise
+  left=$(awk -v b="$budget" -v s=$((SECONDS - started)) 'BEGIN { printf "%.2f", b - s / 60 - 0.7 }')
+  echo "== every task: budget $left min, $((SECONDS - started)) s into the call"
+  "$PYTHON" experiments/compare.py --out "$results" --budget-minutes "$left" "$@"
+  case $? in 0) ;; 3) status=3 ;; *) status=1 ;; esac
   tar -czf "$out/compare_state.tar.gz" -C "$results" .
   echo "call: $((SECONDS - started)) s, exit $status; wrote $out/compare_state.tar.gz" \
        "($(du -h "$out/compare_state.tar.gz" | cut -f1))"

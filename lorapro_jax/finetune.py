@@ -64,7 +64,7 @@ from lorapro_jax.models.decoder import REMAT_POLICIES
 from lorapro_jax.peft_format import export_merged, export_peft
 from lorapro_jax.schedules import make_schedule
 from lorapro_jax.sharding import (batch_sharding, initialize_distributed, make_mesh,
-                                  param_shardings, shard_batch, state_shardings)
+                                  param_shardings, place, shard_batch, state_shardings)
 from lorapro_jax.train import (TrainState, cast_floating, evaluate, fit, make_eval_step,
                                make_train_step, write_json)
 from lorapro_jax.trees import combine, count_params
@@ -319,7 +319,7 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
   placement = {}
   if mesh is not None:
     shardings = state_shardings(state, base, mesh)
-    state = jax.device_put(state, shardings)
+    state = place(state, shardings)  # device_put refuses state.rng across hosts
     placement = {"state_sharding": shardings, "batch_sharding": batch_sharding(mesh),
                  "base_sharding": None if base is None else param_shardings(base, mesh)}
   train_step = make_train_step(causal_lm_loss(adapted), optimizer,

@@ -18,7 +18,7 @@ Example (8 devices)::
 
   mesh = make_mesh(data=2, fsdp=4)
   shardings, base_shardings = state_shardings(state, base, mesh), param_shardings(base, mesh)
-  state, base = jax.device_put(state, shardings), jax.device_put(base, base_shardings)
+  state, base = place(state, shardings), place(base, base_shardings)
   step = make_train_step(loss_fn, optimizer, state_sharding=shardings,
                          base_sharding=base_shardings, batch_sharding=batch_sharding(mesh))
   state, metrics = step(state, base, shard_batch(batch, mesh))
@@ -139,6 +139,18 @@ def train_shardings(state: Any, base: Any, mesh: Mesh, **options: Any) -> dict[s
               base_sharding=param_shardings(base, mesh,
                                             options.get("min_shard_size", 2 ** 10)),
               batch_sharding=batch_sharding(mesh))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """``tree`` laid out as ``shardings`` say, on one host or many.
+
+  Every process passes the same full value (computed alike, e.g. from the same seed) and gets
+  the global arrays back. ``jax.device_put`` does this on one host, but across processes it
+  refuses a typed PRNG key (``TrainState.rng``) for devices of other processes; a jitted
+  identity with ``out_shardings`` places every leaf, keys included (checked by
+  ``tests/test_multihost.py`` on two processes).
+  """
+  return jax.jit(lambda leaves: leaves, out_shardings=shardings)(tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -150,19 +150,33 @@ def test_mesh_run_matches_single_device(tmp_path):
 # ------------------------------------------------------------------- the comparison protocol
 
 
-def _fake_train(calls, best_lr):
-  """A stand-in for training: validation accuracy peaks at ``best_lr[method]`` (log scale);
-  the test metric is deliberately anti-correlated with it, so using it to choose would show."""
+class _FakeTrainer:
+  """A stand-in for a method's trainer: validation accuracy peaks at ``best_lr`` (log scale);
+  the test metric is deliberately anti-correlated with it, so using it to choose would show.
+  Every call is logged in ``calls``: ("fit", method, settings) and ("test", method, settings)."""
 
-  def train(method, lr, seed, with_test):
-    calls.append((method, lr, seed, with_test))
-    distance = math.log10(lr / best_lr[method])
-    record = {"loss": [1.0, 0.5 + 0.01 * seed], "trainable_params": 7,
-              "validation": {"accuracy": 0.9 - 0.1 * distance ** 2 + 0.001 * seed}}
-    if with_test:
-      record["test"] = {"accuracy": 0.5 + 0.1 * distance + 0.01 * seed}
-    return record
-  return train
+  def __init__(self, method, calls, best_lr):
+    self.method, self.calls, self.best_lr = method, calls, best_lr
+
+  def distance(self, lr):
+    return math.log10(lr / self.best_lr)
+
+  def fit(self, settings):
+    from experiments.compare import Run
+    self.calls.append(("fit", self.method, list(settings)))
+    group = object()
+    return [Run({"lr": lr, "seed": seed, "loss": [1.0, 0.5 + 0.01 * seed], "trainable_params": 7,
+                 "validation": {"accuracy": 0.9 - 0.1 * self.distance(lr) ** 2 + 0.001 * seed}},
+                group, i) for i, (lr, seed) in enumerate(settings)]
+
+  def test(self, runs):
+    self.calls.append(("test", self.method, [(r.record["lr"], r.record["seed"]) for r in runs]))
+    return [{"accuracy": 0.5 + 0.1 * self.distance(r.record["lr"]) + 0.01 * r.record["seed"]}
+            for r in runs]
+
+
+def _fake_trainers(calls, best_lr):
+  return lambda method: _FakeTrainer(method, calls, best_lr[method])
 
 
 def test_protocol_selects_on_validation_and_touches_test_once_per_seed(tmp_path):
@@ -170,7 +184,7 @@ def test_protocol_selects_on_validation_and_touches_test_once_per_seed(tmp_path)
   protocol = Protocol(points=5, span=2.0, select_seeds=(0, 1), test_seeds=(0, 1, 2, 3, 4))
   best = {"full": 1.6e-5, "lora": 1e-2, "lora_pro": 1e-3}   # an edge, an inner point, the centre
   calls = []
-  results = run_protocol(_fake_train(calls, best), list(best), protocol, "accuracy",
+  results = run_protocol(_fake_trainers(calls, best), list(best), protocol, "accuracy",
                          str(tmp_path))
   for method in best:
     grid = protocol.grid(method)
@@ -181,36 +195,73 @@ def test_protocol_selects_on_validation_and_touches_test_once_per_seed(tmp_path)
                           for s in (0, 1)]) for lr in grid}
     chosen = max(means, key=means.get)
     assert results["selection"][method]["lr"] == chosen
-    grid_calls = [c for c in calls if c[0] == method and not c[3]]
-    test_calls = [c for c in calls if c[0] == method and c[3]]
-    assert sorted(grid_calls) == sorted((method, lr, s, False) for lr in grid for s in (0, 1))
-    assert test_calls == [(method, chosen, s, True) for s in range(5)]   # once per seed
-    assert calls.index(test_calls[0]) > max(calls.index(c) for c in grid_calls)
+    mine = [c for c in calls if c[1] == method]
+    # the grid, then only the test seeds not already trained at the chosen rate, then the test
+    # split once per test seed, all at the chosen rate
+    assert mine == [("fit", method, [(lr, s) for lr in grid for s in (0, 1)]),
+                    ("fit", method, [(chosen, s) for s in (2, 3, 4)]),
+                    ("test", method, [(chosen, s) for s in range(5)])]
     row = results["results"][method]
     values = [0.5 + 0.1 * math.log10(chosen / best[method]) + 0.01 * s for s in range(5)]
     assert row["test_accuracy"]["values"] == pytest.approx(values)
     assert row["test_accuracy"]["mean"] == pytest.approx(np.mean(values))
     assert row["test_accuracy"]["std"] == pytest.approx(np.std(values, ddof=1))
-  # every run is a file: a second call trains nothing and returns the same results
-  again = run_protocol(lambda *args: pytest.fail(f"retrained {args}"), list(best), protocol,
+  # every method is a file: a second call trains nothing and returns the same results
+  again = run_protocol(lambda method: pytest.fail(f"retrained {method}"), list(best), protocol,
                        "accuracy", str(tmp_path))
   assert again == json.loads(json.dumps(results))
   # a spent budget starts nothing and reports the run as incomplete
-  assert run_protocol(_fake_train([], best), ["lora"], protocol, "accuracy",
+  assert run_protocol(_fake_trainers([], best), ["lora"], protocol, "accuracy",
                       str(tmp_path / "other"), budget_seconds=0.0) is None
   assert not (tmp_path / "other").exists()
 
 
 def test_protocol_ties_and_divergence_pick_the_smaller_or_finite_rate(tmp_path):
-  from experiments.compare import Protocol, run_protocol
+  from experiments.compare import Protocol, Run, run_protocol
   protocol = Protocol(points=3, select_seeds=(0,), test_seeds=(0, 1))
 
-  def train(method, lr, seed, with_test):
-    flat = {"accuracy": float("nan") if lr == protocol.grid(method)[0] else 0.7}
-    return {"loss": [1.0], "trainable_params": 1, "validation": flat,
-            **({"test": flat} if with_test else {})}
-  results = run_protocol(train, ["lora"], protocol, "accuracy", str(tmp_path))
+  class Flat:
+    def fit(self, settings):
+      return [Run({"lr": lr, "seed": seed, "loss": [1.0], "trainable_params": 1, "validation": {
+          "accuracy": float("nan") if lr == protocol.grid("lora")[0] else 0.7}}, None, i)
+              for i, (lr, seed) in enumerate(settings)]
+
+    def test(self, runs):
+      return [{"accuracy": 0.7} for _ in runs]
+  results = run_protocol(lambda method: Flat(), ["lora"], protocol, "accuracy", str(tmp_path))
   assert results["selection"]["lora"]["lr"] == protocol.grid("lora")[1]
+
+
+def test_runs_trained_side_by_side_equal_the_library_step_run_alone():
+  """MethodTrainer.fit vmaps the library's train step over settings; each setting must train
+  exactly as the plain jitted step trains it alone (its own batches, seed and rate)."""
+  import jax
+  from transformers import AutoTokenizer
+
+  from experiments.compare import QUICK, MethodTrainer, load_encoder, load_task
+  from lorapro_jax.data.batching import BatchIterator
+  from lorapro_jax.demo import minilm_path
+  from lorapro_jax.train import TrainState, make_train_step
+  tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+  task = load_task("vader_sentiment", tokenizer, QUICK)
+  trainer = MethodTrainer("lora_pro", task, load_encoder(True, tokenizer), QUICK)
+  runs = trainer.fit([(3e-3, 0), (1e-2, 1)])
+  # alone, with the library's own jitted (unvmapped) step and the same loss
+  lr, seed = 1e-2, 1
+  setup = trainer._build(seed)
+  step = make_train_step(trainer.loss_fn, trainer.optimizer(peak=1.0),
+                         regularizer=setup.method.regularizer(setup.dynamic))
+  state = TrainState.create(setup.trainable, trainer.optimizer(peak=lr), jax.random.key(seed))
+  stream, losses = BatchIterator(task.splits["train"], QUICK.batch_size, seed=seed), []
+  for _ in range(QUICK.steps):
+    state, metrics = step(state, setup.base, next(stream))
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(runs[1].record["loss"], losses, rtol=2e-5)
+  assert runs[0].record["loss"] != runs[1].record["loss"]
+  alone = trainer.fit([(lr, seed)])[0]
+  np.testing.assert_allclose(alone.record["loss"], losses, rtol=2e-5)
+  assert alone.record["validation"] == pytest.approx(runs[1].record["validation"], rel=1e-6)
+  assert trainer.test([alone]) == [pytest.approx(s, rel=1e-6) for s in trainer.test([runs[1]])]
 
 
 @pytest.mark.parametrize("task,methods", [("vader_sentiment", ["lora_pro"]),
@@ -218,7 +269,7 @@ def test_protocol_ties_and_divergence_pick_the_smaller_or_finite_rate(tmp_path):
 def test_compare_quick_runs_end_to_end(task, methods, tmp_path):
   from experiments.compare import QUICK, main
   payload = main(["--task", task, "--quick", "--tiny", "--out", str(tmp_path), "--methods",
-                  *methods])
+                  *methods])[task]
   method = methods[0]
   folder = tmp_path / task
   for name in ("compare.json", "compare.md", "lr_sweep.png", "loss_curves.png"):
@@ -230,7 +281,8 @@ def test_compare_quick_runs_end_to_end(task, methods, tmp_path):
   row = written["results"][method]
   assert len(row[f"test_{written['metric']}"]["values"]) == len(QUICK.test_seeds)
   assert all(math.isfinite(v) for v in row[f"test_{written['metric']}"]["values"])
-  assert len(list((folder / "runs" / method).glob("*_test.json"))) == len(QUICK.test_seeds)
+  assert len(json.loads((folder / "runs" / f"{method}.json").read_text())["test"]) == len(
+      QUICK.test_seeds)
   assert f"| {method} |" in (folder / "compare.md").read_text()
 
 

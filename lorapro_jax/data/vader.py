@@ -49,6 +49,16 @@ def load_vader_lexicon(path: str | None = None) -> dict[str, np.ndarray]:
   return {"text": np.asarray(words, dtype=object), "rating": np.asarray(ratings, np.float32)}
 
 
+VALIDATION_FRACTION, VALIDATION_SEED = 0.2, 1
+
+
+def validation_split(rest: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
+                                                          dict[str, np.ndarray]]:
+  """(train, validation): the fixed seeded 20% of the non-test rows on which learning rates are
+  chosen (``experiments/compare.py``); the demo trains on the same train rows."""
+  return split_arrays(rest, VALIDATION_FRACTION, VALIDATION_SEED)
+
+
 def vader_sentiment(margin: float = 0.5, dev_fraction: float = 0.2, seed: int = 0,
                     path: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """(train, dev) of the binary task; each a dict of ``text``, ``rating``, ``label`` (int32)."""

@@ -412,10 +412,14 @@ def _rows_over_mesh(x: jax.Array) -> jax.Array:
   """``x`` with its batch rows split over the current mesh's (data, fsdp) axes, if a mesh is set.
 
   The train step sets its mesh (:func:`lorapro_jax.train.make_train_step`); without one this is
-  the identity. Pinning q, k and v to one layout matters on GPUs: cuDNN attention's sharding rule
-  refuses inputs of different shardings ("Query, key and value should have same sharding"), and
-  under fsdp XLA's propagation can otherwise give k/v (projected by kernels split on another
-  axis) a different layout than q.
+  the identity. Every activation between the layer's products is pinned so (the block's input and
+  output, q/k/v, the attention output, the MLP's hidden units): that is fsdp's contract, each
+  device keeps its own rows and gathers the weights. Left to itself, XLA's propagation follows
+  the kernels' splits into the activations (a product by a kernel split on its output axis gives
+  an output split on features) and then swaps rows between the GPUs (collective-permutes and
+  transposes: 8 ms of a 143 ms step at 1b, fsdp 2 on 2 H200s, on the compute stream). For q, k
+  and v it is also required on GPUs: cuDNN attention's sharding rule refuses inputs of different
+  shardings ("Query, key and value should have same sharding").
   """
   mesh = jax.sharding.get_abstract_mesh()
   axes = tuple(axis for axis in (DATA, FSDP) if axis in mesh.axis_names)
@@ -450,7 +454,8 @@ class Attention(nn.Module):
                                          implementation=implementation)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-    return _dense(c, c.hidden_size, "o_proj")(out.reshape(batch, length, c.num_heads * d)), kv
+    out = _rows_over_mesh(out.reshape(batch, length, c.num_heads * d))
+    return _dense(c, c.hidden_size, "o_proj")(out), kv
 
 
 class MLP(nn.Module):
@@ -459,8 +464,8 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    gate = _dense(c, c.intermediate_size, "gate_proj")(x)
-    up = _dense(c, c.intermediate_size, "up_proj")(x)
+    gate = _rows_over_mesh(_dense(c, c.intermediate_size, "gate_proj")(x))
+    up = _rows_over_mesh(_dense(c, c.intermediate_size, "up_proj")(x))
     act = _recomputed(functools.partial(gated_activation, activation=c.activation))
     return _dense(c, c.hidden_size, "down_proj")(act(gate, up))
 
@@ -475,11 +480,12 @@ class DecoderLayer(nn.Module):
     c = self.config
     norm = functools.partial(RMSNorm, eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                              unit_offset=c.norm_unit_offset)
+    x = _rows_over_mesh(x)
     attended, kv = Attention(c, name="self_attn")(norm(name="input_layernorm")(x), sin, cos,
                                                   mask, kv, end)
-    x = x + attended
+    x = _rows_over_mesh(x + attended)
     x = x + MLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
-    return x, kv
+    return _rows_over_mesh(x), kv
 
 
 def _remat_policy(name: str):
