@@ -312,11 +312,15 @@ class MethodTrainer:
             for i, (lr, seed) in enumerate(settings)]
 
   def test(self, runs: Sequence[Run]) -> list[dict[str, float]]:
-    """The test metrics of each run (the only place the test split is read)."""
-    scores = {}
-    for group in {id(run.group): run.group for run in runs}.values():
-      scores[id(group)] = self._score(group, "test")
-    return [scores[id(run.group)][run.index] for run in runs]
+    """The test metrics of each run (the only place the test split is read): only these runs'
+    weights are taken out of their groups and scored, each once."""
+    scores: dict[tuple[int, int], dict[str, float]] = {}
+    groups = {id(run.group): run.group for run in runs}
+    for key, group in groups.items():
+      indices = [run.index for run in runs if id(run.group) == key]
+      chosen = jax.tree.map(lambda x, i=np.asarray(indices): x[i], group)
+      scores.update(zip([(key, i) for i in indices], self._score(chosen, "test")))
+    return [scores[(id(run.group), run.index)] for run in runs]
 
   def _score(self, stacked: TrainState, split: str) -> list[dict[str, float]]:
     predictions, labels, masks = [], [], []

@@ -266,10 +266,30 @@ def test_runs_trained_side_by_side_equal_the_library_step_run_alone():
 
 @pytest.mark.parametrize("task,methods", [("vader_sentiment", ["lora_pro"]),
                                           ("vader_rating", ["lora", "--points", "2"])])
-def test_compare_quick_runs_end_to_end(task, methods, tmp_path):
-  from experiments.compare import QUICK, main
+def test_compare_quick_runs_end_to_end(task, methods, tmp_path, monkeypatch):
+  from experiments.compare import QUICK, MethodTrainer, main
+  scored = []   # (split, learning rates and seeds of the runs scored): the protocol on a tiny model
+  original_score, original_test = MethodTrainer._score, MethodTrainer.test
+  testing = []
+
+  def test(self, runs):
+    testing.append([(r.record["lr"], r.record["seed"]) for r in runs])
+    return original_test(self, runs)
+
+  def score(self, stacked, split):
+    scored.append((split, int(stacked.step.shape[0]), bool(testing)))
+    return original_score(self, stacked, split)
+  monkeypatch.setattr(MethodTrainer, "test", test)
+  monkeypatch.setattr(MethodTrainer, "_score", score)
   payload = main(["--task", task, "--quick", "--tiny", "--out", str(tmp_path), "--methods",
                   *methods])[task]
+  # the test split is read once, inside test(), for exactly the test seeds at the chosen rate
+  chosen = payload["selection"][methods[0]]["lr"]
+  assert testing == [[(chosen, seed) for seed in QUICK.test_seeds]]
+  test_reads = [s for s in scored if s[0] == "test"]
+  assert sum(n for _, n, _ in test_reads) == len(QUICK.test_seeds)
+  assert all(after_choice for _, _, after_choice in test_reads)
+  assert all(split in ("validation", "test") for split, _, _ in scored)
   method = methods[0]
   folder = tmp_path / task
   for name in ("compare.json", "compare.md", "lr_sweep.png", "loss_curves.png"):
