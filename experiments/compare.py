@@ -6,7 +6,9 @@ steps and the same batches (the batch order depends on the seed only):
 
 1. **grid**: each method trains at every learning rate of its grid (``points`` rates log-spaced
    over ``span`` decades, geometrically centred on ``LR_CENTRES[method]``) with each selection
-   seed, and is evaluated on the validation split only;
+   seed, and is evaluated on the validation split only. While the best rate is the grid's first
+   or last, the grid grows by one more rate past that edge (at most ``extend`` = 2): a choice on
+   the edge says the method's range was guessed wrong, not that the edge is its best;
 2. **select**: per method, the rate with the best validation metric, averaged over the selection
    seeds (ties: the smaller rate; a diverged run counts as the worst);
 3. **test**: the chosen rate with each test seed, evaluated on the validation split and, once per
@@ -14,7 +16,8 @@ steps and the same batches (the batch order depends on the seed only):
    selection seed is the grid's run at that rate (same rate, same seed: the same training), so
    only the other test seeds train.
 
-The default protocol is 7 methods × (5 rates × 2 selection seeds + 3 more test seeds) = 91 runs of
+The default protocol is 7 methods × (5 rates × 2 selection seeds + 3 more test seeds) = 91 runs
+(plus 2 per rate added past an edge) of
 150 updates of 32 words per task (about 25 minutes per task on 2 CPU cores, one run after
 another; a few on a GPU, runs side by side). The runs of a phase train side by side (:class:`MethodTrainer`:
 one ``jax.vmap`` of the library's train step over their stacked states). Every finished method is
@@ -107,6 +110,7 @@ class Protocol:
   batch_size: int = 32
   points: int = 5                  # learning rates per method
   span: float = 2.0                # decades covered by each grid
+  extend: int = 2                  # rates added past an edge the choice sits on, at most
   select_seeds: tuple[int, ...] = (0, 1)
   test_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
   max_length: int = 6              # tokens per word with [CLS] and [SEP] (1% of VADER's are longer)
@@ -127,7 +131,7 @@ class Protocol:
 
 
 QUICK = Protocol(steps=8, batch_size=8, points=5, select_seeds=(0,), test_seeds=(0, 1),
-                 max_examples=64)
+                 max_examples=64, extend=0)
 
 
 # ------------------------------------------------------------------------------------- tasks
@@ -354,22 +358,46 @@ def _select(records: Sequence[dict], metric: str) -> tuple[float, dict[float, li
   return best, values
 
 
-def run_method(trainer: Trainer, method: str, protocol: Protocol, metric: str) -> dict[str, Any]:
-  """One method's protocol: the grid with the selection seeds (validation only), the choice,
-  then the test seeds at the chosen rate, each scored once on the test split.
+def _beyond_edge(records: Sequence[dict], metric: str, protocol: Protocol) -> float | None:
+  """The next rate past the grid's edge if the choice sits on that edge (its optimum may lie
+  beyond), else None; one grid step further, at most ``protocol.extend`` rates past the
+  planned grid."""
+  lr, values = _select(records, metric)
+  rates = sorted(values)
+  if len(rates) - protocol.points >= protocol.extend or rates[0] < lr < rates[-1]:
+    return None
+  step = 10.0 ** (protocol.span / (protocol.points - 1))
+  return rates[0] / step if lr == rates[0] else rates[-1] * step
+
+
+def run_method(trainer: Trainer, method: str, protocol: Protocol, metric: str,
+               previous: dict[str, Any] | None = None) -> dict[str, Any]:
+  """One method's protocol: the grid with the selection seeds (validation only), extended one
+  rate at a time while the choice sits on its edge, the choice, then the test seeds at the
+  chosen rate, each scored once on the test split.
 
   A test seed that is also a selection seed reuses its grid run (same rate, same seed: the
-  same training), so only the other test seeds train again.
+  same training), so only the other test seeds train again. ``previous``: this method's
+  earlier result (its file), whose grid is extended if its choice sat on an edge; its test
+  runs stand if the choice does not move.
   """
-  grid = trainer.fit([(lr, seed) for lr in protocol.grid(method)
-                      for seed in protocol.select_seeds])
+  if previous is None:
+    grid = trainer.fit([(lr, seed) for lr in protocol.grid(method)
+                        for seed in protocol.select_seeds])
+  else:  # records only: their weights are gone, but a moved choice is a new rate anyway
+    grid = [Run(record, None, -1) for record in previous["grid"]]
+  while (beyond := _beyond_edge([run.record for run in grid], metric, protocol)) is not None:
+    grid += trainer.fit([(beyond, seed) for seed in protocol.select_seeds])
   lr, values = _select([run.record for run in grid], metric)
-  reused = {run.record["seed"]: run for run in grid if run.record["lr"] == lr}
-  fresh = [seed for seed in protocol.test_seeds if seed not in reused]
-  trained = {run.record["seed"]: run for run in (trainer.fit([(lr, s) for s in fresh])
-                                                  if fresh else [])}
-  runs = [reused.get(seed) or trained[seed] for seed in protocol.test_seeds]
-  tests = [{**run.record, "test": scores} for run, scores in zip(runs, trainer.test(runs))]
+  if previous is not None and previous["selection"]["lr"] == lr:
+    tests = previous["test"]
+  else:
+    reused = {run.record["seed"]: run for run in grid if run.record["lr"] == lr}
+    fresh = [seed for seed in protocol.test_seeds if seed not in reused]
+    trained = {run.record["seed"]: run for run in (trainer.fit([(lr, s) for s in fresh])
+                                                    if fresh else [])}
+    runs = [reused.get(seed) or trained[seed] for seed in protocol.test_seeds]
+    tests = [{**run.record, "test": scores} for run, scores in zip(runs, trainer.test(runs))]
   return {"grid": [run.record for run in grid],
           "selection": {"lr": lr, "validation_mean": float(np.mean(values[lr])),
                         "validation_by_lr": {f"{k:.4e}": v for k, v in sorted(values.items())}},
@@ -382,19 +410,23 @@ def run_protocol(trainer_of: Callable[[str], Trainer], methods: Sequence[str],
   """Runs (or reads back) every method's protocol; the results, or None if the budget ran out.
 
   Each finished method is one file ``<run_dir>/<method>.json``, read back instead of trained
-  again; with a budget no method starts after ``budget_seconds``.
+  again (unless its choice sits on the grid's edge with extensions left: then its grid is
+  extended); with a budget no method starts after ``budget_seconds``.
   """
   started = time.perf_counter()
   done = {}
   for method in methods:
     path = os.path.join(run_dir, f"{method}.json")
+    previous = None
     if os.path.exists(path):
       with open(path, encoding="utf-8") as handle:
-        done[method] = json.load(handle)
-      continue
+        previous = json.load(handle)
+      if _beyond_edge(previous["grid"], metric, protocol) is None:
+        done[method] = previous
+        continue
     if budget_seconds is not None and time.perf_counter() - started > budget_seconds:
       return None
-    done[method] = run_method(trainer_of(method), method, protocol, metric)
+    done[method] = run_method(trainer_of(method), method, protocol, metric, previous)
     write_json(path, done[method])
   summary = {}
   for method, result in done.items():

@@ -1,6 +1,7 @@
 """Experiments: every config runs end to end on a tiny random model with mock data (T5, RoBERTa,
 Llama, ViT), every method runs somewhere, a pre-empted run resumes to exactly the uninterrupted
 run, and the results writer aggregates seeds beside the papers' numbers."""
+import dataclasses
 import json
 import math
 
@@ -196,9 +197,12 @@ def test_protocol_selects_on_validation_and_touches_test_once_per_seed(tmp_path)
     chosen = max(means, key=means.get)
     assert results["selection"][method]["lr"] == chosen
     mine = [c for c in calls if c[1] == method]
-    # the grid, then only the test seeds not already trained at the chosen rate, then the test
-    # split once per test seed, all at the chosen rate
+    # the grid (extended past its top edge where the choice sat on it: lora's best is 1e-2, the
+    # grid's last rate), then only the test seeds not already trained at the chosen rate, then
+    # the test split once per test seed, all at the chosen rate
+    extension = [("fit", method, [(pytest.approx(grid[-1] * 10 ** 0.5), s) for s in (0, 1)])]
     assert mine == [("fit", method, [(lr, s) for lr in grid for s in (0, 1)]),
+                    *(extension if method == "lora" else []),
                     ("fit", method, [(chosen, s) for s in (2, 3, 4)]),
                     ("test", method, [(chosen, s) for s in range(5)])]
     row = results["results"][method]
@@ -214,6 +218,33 @@ def test_protocol_selects_on_validation_and_touches_test_once_per_seed(tmp_path)
   assert run_protocol(_fake_trainers([], best), ["lora"], protocol, "accuracy",
                       str(tmp_path / "other"), budget_seconds=0.0) is None
   assert not (tmp_path / "other").exists()
+
+
+def test_protocol_extends_the_grid_past_an_edge_choice_at_most_twice(tmp_path):
+  """A choice on the grid's edge may hide a better rate beyond it: the grid grows one step at a
+  time past that edge (2 at most), also for a method read back from an earlier call's file."""
+  from experiments.compare import LR_CENTRES, Protocol, run_protocol
+  protocol = Protocol(points=5, span=2.0, select_seeds=(0, 1), test_seeds=(0, 1, 2))
+  centre, step = LR_CENTRES["lora"], 10 ** 0.5
+  calls = []
+  far = run_protocol(_fake_trainers(calls, {"lora": centre * 1e3}), ["lora"], protocol,
+                     "accuracy", str(tmp_path / "far"))
+  fits = [c[2] for c in calls if c[0] == "fit"]
+  assert [lr for lr, _ in fits[1]] + [lr for lr, _ in fits[2]] == pytest.approx(
+      [centre * 10 * step] * 2 + [centre * 100] * 2)       # two steps up, then it stops
+  assert far["selection"]["lora"]["lr"] == pytest.approx(centre * 100)
+  assert len(far["grid"]) == 2 * 7
+  # an earlier call's file whose choice sits on the lower edge: extended on reading; the best
+  # rate is inside the first extension, so the choice moves and the test seeds train there
+  calls.clear()
+  low = str(tmp_path / "low")
+  run_protocol(_fake_trainers([], {"lora": centre / 10}), ["lora"],
+               dataclasses.replace(protocol, extend=0), "accuracy", low)
+  again = run_protocol(_fake_trainers(calls, {"lora": centre / 10 / step}), ["lora"], protocol,
+                       "accuracy", low)
+  assert again["selection"]["lora"]["lr"] == pytest.approx(centre / 10 / step)
+  assert [c[0] for c in calls] == ["fit", "fit", "fit", "test"]   # 2 extensions, 1 new seed
+  assert [lr for lr, _ in calls[1][2]] == pytest.approx([centre / 100] * 2)
 
 
 def test_protocol_ties_and_divergence_pick_the_smaller_or_finite_rate(tmp_path):
