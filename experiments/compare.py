@@ -498,7 +498,7 @@ def plot_loss_curves(payload: dict[str, Any], path: str) -> None:
   figure, axis = plt.subplots(figsize=(8, 4.5))
   for method, curves in payload["loss_curves"].items():
     losses = np.asarray(curves)                       # (seeds, steps)
-    window = max(1, losses.shape[1] // 40)
+    window = max(1, losses.shape[1] // 10)   # the batches are small: a loss per step is noisy
     kernel = np.ones(window) / window
     smooth = np.stack([np.convolve(row, kernel, mode="valid") for row in losses])
     steps = np.arange(window, losses.shape[1] + 1)
