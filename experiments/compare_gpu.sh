@@ -58,7 +58,7 @@ run() {
     TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
   if [ -f .compare_state/compare_state.tar.gz ]; then
     tar -xzf .compare_state/compare_state.tar.gz -C "$results"
-    echo "resumed: $(find "$results" -name '*.json' -path '*runs*' | wc -l) finished runs"
+    echo "resumed: $(find "$results" -name '*.json' -path '*runs*' | wc -l) finished methods"
   fi
   # the budget left for the methods, less ~40 s to import, load and tokenise
   left=$(awk -v b="$budget" -v s=$((SECONDS - started)) 'BEGIN { printf "%.2f", b - s / 60 - 0.7 }')

@@ -54,8 +54,9 @@ TARGETS = ("query", "key", "value", "attention/output/dense", "intermediate/dens
            "output/dense")
 # the demo's methods (of lorapro_jax.methods.METHODS) and their peak learning rates: the rates
 # experiments/compare.py chose on the validation split (results/compare/vader_sentiment/compare.json)
-LEARNING_RATES = {"full": 5e-5, "lora": 1e-3, "lora_pro": 1e-3, "dynamic_rank": 1e-3,
-                  "lora_pro_dynamic_rank": 1e-3}
+LEARNING_RATES = {"full": 1.5811388300841894e-4, "lora": 3.1622776601683794e-3,
+                  "lora_pro": 3.1622776601683794e-3, "dynamic_rank": 1e-2,
+                  "lora_pro_dynamic_rank": 1e-2}
 STEPS, MAX_LENGTH = 150, 6  # the comparison's protocol (so that its chosen rates apply)
 RANK = 8  # LoRA's rank; dynamic rank's target (from an initial 12)
 DEM_WEIGHT = 0.1  # eta of dynamic rank's DEM regulariser
