@@ -85,7 +85,7 @@ from lorapro_jax.data.vader import (load_vader_lexicon, vader_sentiment,  # noqa
 from lorapro_jax.demo import (build_method, classifier_inputs, load_minilm,  # noqa: E402
                              minilm_path)
 from lorapro_jax.methods import METHODS  # noqa: E402
-from lorapro_jax.metrics import compute_metrics  # noqa: E402
+from lorapro_jax.metrics import compute_metrics, majority_baseline  # noqa: E402
 from lorapro_jax.schedules import make_schedule  # noqa: E402
 from lorapro_jax.train import (TrainState, make_eval_step, make_train_step,  # noqa: E402
                                write_json)
@@ -188,10 +188,8 @@ def load_task(name: str, tokenizer: Any, protocol: Protocol) -> Task:
     encoded = tokenize(tokenizer, [str(t) for t in rows["text"]], protocol.max_length)
     encoded["labels"] = rows["label"].astype(np.float32 if num_labels == 1 else np.int32)
     splits[split] = encoded
-  baseline = None
-  if num_labels > 1:  # always answering the training split's most frequent class
-    majority = np.argmax(np.bincount(splits["train"]["labels"], minlength=num_labels))
-    baseline = float(np.mean(splits["test"]["labels"] == majority))
+  baseline = (None if num_labels == 1
+              else majority_baseline(splits["train"]["labels"], splits["test"]["labels"]))
   return Task(name, splits, num_labels, metrics, baseline)
 
 

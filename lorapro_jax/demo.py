@@ -45,6 +45,7 @@ from lorapro_jax.data.vader import vader_sentiment, validation_split
 from lorapro_jax.dynamic_rank import DynamicRankConfig, rank_pattern
 from lorapro_jax.lora import LoRAConfig
 from lorapro_jax.methods import METHODS, Method
+from lorapro_jax.metrics import majority_baseline
 from lorapro_jax.schedules import make_schedule
 from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step, make_train_step,
                                write_json)
@@ -221,7 +222,7 @@ def run(methods=tuple(LEARNING_RATES), out_dir: str = "runs/demo", steps: int = 
   (train, _), test = validation_split(minilm.train), minilm.dev
   if quick:
     test = {k: v[:256] for k, v in test.items()}
-  majority = float(np.mean(test["labels"] == np.argmax(np.bincount(train["labels"]))))
+  majority = majority_baseline(train["labels"], test["labels"])
   example = {k: v[:2] for k, v in train.items()}
   rows, curves, ranks = {}, {}, {}
   for method in methods:

@@ -45,6 +45,17 @@ def accuracy(predictions: Any, labels: Any, mask: Any = None) -> float:
   return float(np.mean(predictions == labels)) if len(labels) else 0.0
 
 
+def majority_baseline(train_labels: Any, test_labels: Any) -> float:
+  """Accuracy on ``test_labels`` of always answering the most frequent class of ``train_labels``
+  (ties: the smaller class id), the floor a classifier must beat.
+
+  >>> majority_baseline([0, 1, 1], [1, 0, 1, 1])
+  0.75
+  """
+  majority = np.argmax(np.bincount(np.asarray(train_labels)))
+  return float(np.mean(np.asarray(test_labels) == majority))
+
+
 def f1_binary(predictions: Any, labels: Any, mask: Any = None, positive: int = 1) -> float:
   predictions, labels = _select(mask, predictions, labels)
   tp = np.sum((predictions == positive) & (labels == positive), dtype=np.float64)
