@@ -32,9 +32,10 @@ step alone (compiled ahead of time, ``step.lower(...).compile()``; ``lower_s`` i
 lowering before it, ``backend_compile_s`` jax's own timing of the XLA compile inside it from
 ``jax.monitoring``, ``compile_cache_hit`` whether a persistent compilation cache answered), and
 ``first_step_s``, the seconds from the top of this script (before jax is imported) to the first
-finished step, blocked: imports, model build, tracing, compilation and one step. The steps then
-run the compiled executable itself, so the compile is paid once; ``compiles_in_steps`` counts the
-XLA compilations seen during the steps (0 expected).
+finished step, blocked: imports, model build, tracing, compilation and one step; ``setup_s`` is
+its part before the train step is traced (imports, parameter init, optimizer state, placement).
+The steps then run the compiled executable itself, so the compile is paid once;
+``compiles_in_steps`` counts the XLA compilations seen during the steps (0 expected).
 """
 from __future__ import annotations
 
@@ -230,6 +231,7 @@ def main(argv=None):
   # Ahead of time, so that the XLA compile is timed alone (the sharded step's .lower sets the mesh
   # for tracing); the steps below call the compiled executable, which never compiles again.
   compiles = CompileCounter()
+  setup_s = time.perf_counter() - PROCESS_START
   start = time.perf_counter()
   lowered = jitted_step.lower(state, base, data)
   lower_s = time.perf_counter() - start
@@ -301,7 +303,7 @@ def main(argv=None):
       remat=args.remat, scan_unroll=config.scan_unroll, xla_flags=os.environ.get("XLA_FLAGS", ""),
       base_dtype=args.base_dtype if setup.method.adapters else "float32",
       rank=setup.rank, trainable_params=trainable_count,
-      opt_state_gib=opt_bytes / 2**30, losses=losses, first_step_s=first_step_s,
+      opt_state_gib=opt_bytes / 2**30, losses=losses, first_step_s=first_step_s, setup_s=setup_s,
       compile_s=compile_s, backend_compile_s=backend_compile_s, lower_s=lower_s,
       compile_cache_hit=compile_cache_hit,
       compiles_in_steps=compiles_in_steps,

@@ -6,6 +6,7 @@ loader's, so these tests pin the model; tests/test_loader.py pins the loader.
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,6 +182,25 @@ def test_unrolled_layer_loop_changes_nothing(llama):
   rolled = forward(config)({"params": params}, tokens)
   unrolled = forward(dataclasses.replace(config, scan_unroll=2))({"params": params}, tokens)
   np.testing.assert_allclose(unrolled, rolled, rtol=1e-6, atol=1e-6)
+
+
+def _scan_unrolls(fn, *args) -> list[int]:
+  """The ``unroll`` of every scan in ``fn``'s jaxpr (the layer loop's, here)."""
+  return [eqn.params["unroll"] for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns
+          if eqn.primitive.name == "scan"]
+
+
+def test_creating_parameters_keeps_the_layer_loop_rolled(llama):
+  """init (and init_adapters' apply) compiles one layer whatever ``scan_unroll``; the tree and the
+  values are those of the rolled loop, and applying the model does unroll."""
+  config, _ = llama
+  unrolled = DecoderForCausalLM(dataclasses.replace(config, scan_unroll=config.num_layers))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  key = jax.random.key(3)
+  assert _scan_unrolls(unrolled.init, key, tokens) == [1]
+  created = unrolled.init(key, tokens)
+  chex.assert_trees_all_equal(created, DecoderForCausalLM(config).init(key, tokens))
+  assert _scan_unrolls(unrolled.apply, created, tokens) == [config.num_layers]
 
 
 def test_bf16_compute_stays_close_to_float32(llama):

@@ -549,10 +549,14 @@ class Decoder(nn.Module):
     layer = DecoderLayer
     if c.remat != "none":
       layer = nn.remat(layer, policy=_remat_policy(c.remat), prevent_cse=False)
+    # Creating parameters (``init``, or ``init_adapters``' apply) keeps the loop rolled: the tree
+    # is the same whatever the unroll (the scan stacks the layers), and XLA then compiles one
+    # layer instead of num_layers (1b, 22 layers unrolled on an H200: 150 s of init -> 10 s).
+    unroll = 1 if self.is_mutable_collection("params") else c.scan_unroll
     layers = nn.scan(layer, variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                     length=c.num_layers, unroll=c.scan_unroll)
+                     length=c.num_layers, unroll=unroll)
     kv = None if cache is None else (cache.key, cache.value)
     end = None if cache is None else cache.end
     x, kv = layers(c, name="layers")(x, sin, cos, mask, kv, end)
