@@ -147,7 +147,7 @@ def perturb_lora_b(trainable, key):
 
 def build(scale: str, mode: str, remat: str, base_dtype, scan_unroll: int = 0) -> Setup:
   shape = common.model_shape(scale)
-  config = DecoderConfig(**shape, remat=remat, scan_unroll=scan_unroll or shape["num_layers"])
+  config = DecoderConfig(**shape, remat=remat, scan_unroll=scan_unroll or None)
   model = DecoderForCausalLM(config)
   batch, seq_len = common.SCALES[scale]["batch"], common.SCALES[scale]["seq_len"]
   example = jnp.zeros((batch, seq_len), jnp.int32)

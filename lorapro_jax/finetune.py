@@ -60,7 +60,7 @@ from lorapro_jax.dynamic_rank import DynamicRankConfig, rank_pattern, shrink
 from lorapro_jax.methods import METHODS
 from lorapro_jax.metrics import exact_match
 from lorapro_jax.models import generate, load_pretrained, preset, save_pretrained
-from lorapro_jax.models.decoder import REMAT_POLICIES, DecoderForCausalLM
+from lorapro_jax.models.decoder import REMAT_POLICIES
 from lorapro_jax.peft_format import export_merged, export_peft
 from lorapro_jax.schedules import make_schedule
 from lorapro_jax.sharding import (batch_sharding, initialize_distributed, make_mesh,
@@ -300,10 +300,8 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
   mesh = None if config.mesh is None else make_mesh(*config.mesh)
   compute_dtype = DTYPES[config.compute_dtype]
   model, params = load_pretrained(config.model, dtype=DTYPES[config.base_dtype], mesh=mesh,
-                                  overrides={"dtype": compute_dtype, "remat": config.remat})
-  if not config.scan_layers:
-    model = DecoderForCausalLM(dataclasses.replace(model.config,
-                                                   scan_unroll=model.config.num_layers))
+                                  overrides={"dtype": compute_dtype, "remat": config.remat,
+                                             "scan_unroll": 1 if config.scan_layers else None})
   family = model.config.family
   method = METHODS[config.method]
   dynamic = (DynamicRankConfig(total_steps=total_steps, target_rank=config.rank,

@@ -179,9 +179,11 @@ def test_remat_changes_nothing(llama, remat):
 def test_unrolled_layer_loop_changes_nothing(llama):
   config, params = llama
   tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, config.vocab_size)
-  rolled = forward(config)({"params": params}, tokens)
-  unrolled = forward(dataclasses.replace(config, scan_unroll=2))({"params": params}, tokens)
-  np.testing.assert_allclose(unrolled, rolled, rtol=1e-6, atol=1e-6)
+  rolled = forward(dataclasses.replace(config, scan_unroll=1))({"params": params}, tokens)
+  for unroll in (2, None):  # two layers per iteration; all (the default)
+    unrolled = forward(dataclasses.replace(config, scan_unroll=unroll))({"params": params}, tokens)
+    np.testing.assert_allclose(unrolled, rolled, rtol=1e-6, atol=1e-6)
+  assert DecoderConfig.tiny().scan_unroll == DecoderConfig.tiny().num_layers
 
 
 def _scan_unrolls(fn, *args) -> list[int]:
@@ -195,11 +197,12 @@ def test_creating_parameters_keeps_the_layer_loop_rolled(llama):
   values are those of the rolled loop, and applying the model does unroll."""
   config, _ = llama
   unrolled = DecoderForCausalLM(dataclasses.replace(config, scan_unroll=config.num_layers))
+  rolled = DecoderForCausalLM(dataclasses.replace(config, scan_unroll=1))
   tokens = jnp.zeros((1, 8), jnp.int32)
   key = jax.random.key(3)
   assert _scan_unrolls(unrolled.init, key, tokens) == [1]
   created = unrolled.init(key, tokens)
-  chex.assert_trees_all_equal(created, DecoderForCausalLM(config).init(key, tokens))
+  chex.assert_trees_all_equal(created, rolled.init(key, tokens))
   assert _scan_unrolls(unrolled.apply, created, tokens) == [config.num_layers]
 
 

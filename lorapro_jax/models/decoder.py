@@ -24,8 +24,8 @@ transformers' by what the gap between the two GELUs (at most 4.7e-4, at x ≈ 2.
 on the logits of our tiny test model); ``DecoderConfig.from_hf(config, activation="gelu")``
 reproduces transformers exactly.
 
-**Speed.** The layers run under one ``nn.scan`` (one compiled layer body, parameters stacked on a
-leading axis); attention goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention on
+**Speed.** The layers run under one ``nn.scan`` (parameters stacked on a leading axis), unrolled
+by default (``scan_unroll``; parameters are always created with the loop rolled); attention goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention on
 GPU for 16-bit compute, XLA elsewhere); RMSNorm and the gated activation are recomputed in the
 backward pass from their 16-bit inputs; ``remat`` and ``scan_unroll`` trade memory, speed and
 compile time (``docs/llm.md`` has the measurements).
@@ -151,8 +151,10 @@ class DecoderConfig:
   outputs (``jax.checkpoint_policies.checkpoint_dots``), ``"dots_no_batch"`` those without batch
   dimensions. ``attention``: the ``implementation`` handed to ``jax.nn.dot_product_attention``;
   ``None`` picks ``"cudnn"`` on GPU for 16-bit compute (XLA for one-token decode steps) and XLA
-  otherwise. ``scan_unroll``: layers per iteration of the layer loop (``num_layers`` unrolls it:
-  longer compilation, no per-iteration slicing of stacked weights); parameters stay stacked.
+  otherwise. ``scan_unroll``: layers per iteration of the layer loop; ``None`` (the default)
+  unrolls it, ``num_layers`` per iteration: no per-iteration slicing of the stacked weights and
+  saved activations, parameters still stacked (1B LoRA step on an H200: 87.9 ms unrolled against
+  101.8 rolled; its XLA compile 32 s against 8). ``1`` keeps the loop rolled (one layer compiled).
   """
 
   vocab_size: int = 32000
@@ -176,11 +178,13 @@ class DecoderConfig:
   param_dtype: Any = jnp.float32
   remat: str = "none"
   attention: str | None = None
-  scan_unroll: int = 1
+  scan_unroll: int | None = None
   initializer_range: float = 0.02
 
   def __post_init__(self):
     object.__setattr__(self, "biases", tuple(self.biases))
+    if self.scan_unroll is None:
+      object.__setattr__(self, "scan_unroll", self.num_layers)
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     if self.num_heads % self.num_kv_heads:
