@@ -25,8 +25,9 @@ on the logits of our tiny test model); ``DecoderConfig.from_hf(config, activatio
 reproduces transformers exactly.
 
 **Speed.** The layers run under one ``nn.scan`` (parameters stacked on a leading axis), unrolled
-by default (``scan_unroll``; parameters are always created with the loop rolled); attention goes through ``jax.nn.dot_product_attention`` (cuDNN flash attention on
-GPU for 16-bit compute, XLA elsewhere); RMSNorm and the gated activation are recomputed in the
+by default (``scan_unroll``; parameters are always created with the loop rolled); attention goes
+through ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for 16-bit compute, XLA
+elsewhere); RMSNorm and the gated activation are recomputed in the
 backward pass from their 16-bit inputs; ``remat`` and ``scan_unroll`` trade memory, speed and
 compile time (``docs/llm.md`` has the measurements).
 
