@@ -53,7 +53,7 @@ def table(rows: list[dict]) -> str:
   for row in rows:  # a later measurement of the same (scale, framework, label) replaces the earlier
     latest[(row["scale"], row["framework"], label(row))] = row
   lines = []
-  for scale in ("1b", "base", "tiny"):
+  for scale in ("1b", "base", "7b", "tiny"):
     keys = [key for key in latest if key[0] == scale]  # file order of first appearance
     if not keys:
       continue

@@ -5,7 +5,7 @@
 #
 #   NCCL_NVLS_ENABLE=0 OUT=/tmp/speed bash benchmarks/speed_x2.sh [sections]   # with .whl carried
 #
-# sections (default: table): table, scaling. Our rows run the unrolled layer loop (jax_step.py's
+# sections (default: table): table, table7b (LLaMA-2-7B's shape), scaling. Our rows run the unrolled layer loop (jax_step.py's
 # default) under XLA_OPTIONS (default none; results/speed_h200x2_issue16/ was measured with
 # --xla_gpu_experimental_enable_fusion_autotuner=false, and its row "lora_default_options" shows
 # the default options give the same step and compile). $OUT/summary.log: a line per row;
@@ -56,16 +56,28 @@ peers_lane() {  # GPU 1
   row 1 full_compiled 200 "" torch_peers.py --scale 1b --mode full --compile default
 }
 
+ours_lane_7b() {  # GPU 0: LLaMA-2-7B's shape, 4 x 1024
+  for mode in lora lora_pro lora_pro_full dynamic_rank; do
+    row 0 "7b_$mode" 240 "$XLA_OPTIONS" jax_step.py --scale 7b --mode $mode --steps 5
+  done
+}
+
+peers_lane_7b() {  # GPU 1
+  row 1 7b_peft 200 "" torch_peers.py --scale 7b --mode lora --steps 5
+  row 1 7b_peft_compiled 300 "" torch_peers.py --scale 7b --mode lora --compile default --steps 5
+}
+
 for section in ${*:-table}; do
   case $section in
     table) ours_lane & peers_lane & wait ;;
+    table7b) ours_lane_7b & peers_lane_7b & wait ;;
     scaling)
       row 0 lora_1gpu 200 "$XLA_OPTIONS" jax_step.py --scale 1b --mode lora
       row 0,1 lora_dp2 200 "$XLA_OPTIONS" jax_step.py --scale 1b --mode lora --fsdp 1
       row 0,1 lora_fsdp2 200 "$XLA_OPTIONS" jax_step.py --scale 1b --mode lora --fsdp 2
       row 0,1 lora_pro_full_fsdp2 200 "$XLA_OPTIONS" jax_step.py --scale 1b --mode lora_pro_full --fsdp 2
       row 0,1 dynamic_rank_fsdp2 200 "$XLA_OPTIONS" jax_step.py --scale 1b --mode dynamic_rank --fsdp 2 ;;
-    *) echo "unknown section $section (expected table, scaling)" >&2; exit 2 ;;
+    *) echo "unknown section $section (expected table, table7b, scaling)" >&2; exit 2 ;;
   esac
 done
 # the default-options row is compared in summary.log only (its table label is the same as "lora")
