@@ -30,16 +30,21 @@ def fmt(value, spec):
 
 
 def label(row: dict) -> str:
-  """The mode as the table shows it: the method name plus how it ran, when not the default."""
-  mode = row["mode"]
+  """The mode as the table shows it: the method name plus how it ran, when not the default
+  (layer loop scanned, torch.compile, a device mesh, XLA options)."""
+  notes = []
   if row.get("scan_unroll") == 1:  # JAX rows run with the layer loop scanned, not unrolled
-    return mode + " (scanned)"
+    notes.append("scanned")
   compile_mode = row.get("compile")
   if compile_mode not in (None, "none"):
     backend = row.get("compile_backend")
     suffix = "" if backend in (None, "inductor") else f", {backend}"
-    return f"{mode} (torch.compile {compile_mode}{suffix})"
-  return mode
+    notes.append(f"torch.compile {compile_mode}{suffix}")
+  if row.get("mesh"):
+    notes.append(", ".join(f"{axis} {size}" for axis, size in row["mesh"].items()))
+  if row.get("xla_flags"):
+    notes.append(row["xla_flags"])
+  return row["mode"] + "".join(f" ({note})" for note in notes)
 
 
 def startup(row: dict, key: str) -> str:

@@ -27,9 +27,9 @@ reproduces transformers exactly.
 **Speed.** The layers run under one ``nn.scan`` (parameters stacked on a leading axis), unrolled
 by default (``scan_unroll``; parameters are always created with the loop rolled); attention goes
 through ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU for 16-bit compute, XLA
-elsewhere); RMSNorm and the gated activation are recomputed in the
-backward pass from their 16-bit inputs; ``remat`` and ``scan_unroll`` trade memory, speed and
-compile time (``docs/llm.md`` has the measurements).
+elsewhere); RMSNorm and the gated activation are recomputed in the backward pass from their
+16-bit inputs; ``remat`` and ``scan_unroll`` trade memory, speed and compile time
+(``docs/llm.md`` has the measurements).
 
 **Masks, positions, cache.** ``model.apply({"params": p}, input_ids)`` is causal attention over the
 whole row (the fast path used for training). ``attention_mask`` (``(B, T)``, 1 = token, 0 = pad)
