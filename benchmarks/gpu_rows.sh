@@ -8,6 +8,8 @@
 #            under torch.compile, full fine-tuning compiled);
 #   table7b  the same at LLaMA-2-7B's shape (4 x 1024);
 #   scaling  issue 15's 1b weak-scaling rows: one GPU, data 2, fsdp 2 (needs 2 GPUs);
+#   scaling_lora  its LoRA rows only, the one-GPU row on each GPU (the 2-GPU step waits for the
+#            slower one);
 #   options  the 1b LoRA step under single XLA options, layer loop rolled and unrolled.
 # With two GPUs a table's two lanes (ours on GPU 0, the peers on GPU 1) run at the same time, so
 # the ratios come from one call; with one they run one after the other. XLA_OPTIONS (default
@@ -37,7 +39,7 @@ row() {  # row <CUDA_VISIBLE_DEVICES> <tag> <timeout s> <XLA_FLAGS> <script> <ar
   XLA_FLAGS="$flags" CUDA_VISIBLE_DEVICES=$gpus timeout "$limit" "$PY" "benchmarks/$script" \
     --steps "$STEPS" --out "$OUT/rows/$tag" "$@" > "$OUT/logs/$tag.log" 2>&1
   local rc=$? result="$OUT/rows/$tag/results.jsonl" numbers="no result"
-  [ -f "$result" ] && numbers=$(grep -o '"ms_per_step": [0-9.]*\|"first_step_s": [0-9.]*\|"setup_s": [0-9.]*\|"compile_s": [0-9.]*' "$result" | tr '\n' ' ')
+  [ -f "$result" ] && numbers=$(grep -o '"ms_per_step": [0-9.]*\|"ms_per_step_pipelined": [0-9.]*\|"first_step_s": [0-9.]*\|"setup_s": [0-9.]*\|"compile_s": [0-9.]*' "$result" | tr '\n' ' ')
   {
     echo "== $tag [$flags] $script $* rc=$rc: $numbers"
     [ "$rc" = 0 ] || tail -4 "$OUT/logs/$tag.log" | cut -c1-300 | sed "s/^/     /"
@@ -80,6 +82,15 @@ peers_7b() {
     --compile default --steps 5
 }
 
+# the one-GPU rows of the scaling sections: LoRA on GPU 0, $modes on the other
+lora_one_gpu() { ours lora_1gpu 200 --scale "${SCALE:-1b}" --mode lora; }
+other_modes_one_gpu() {
+  for mode in $modes; do
+    row $PEERS_GPU ${mode}_1gpu_gpu$PEERS_GPU 200 "$XLA_OPTIONS" jax_step.py --scan-unroll "$SCAN_UNROLL" \
+      --scale "${SCALE:-1b}" --mode $mode
+  done
+}
+
 # XLA options, one per row; the lanes are the rolled loop (GPU 0) and the unrolled one (GPU 1)
 rolled_options() {
   for option in "" --xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false \
@@ -102,18 +113,16 @@ for section in ${*:-table}; do
     table) lanes ours_1b peers_1b ;;
     table7b) lanes ours_7b peers_7b ;;
     options) lanes rolled_options unrolled_options ;;
-    scaling)
-      ours lora_1gpu 200 --scale "${SCALE:-1b}" --mode lora
-      for mode in lora_pro_full dynamic_rank; do
-        ours ${mode}_1gpu 200 --scale "${SCALE:-1b}" --mode $mode
-      done
+    scaling|scaling_lora)
+      if [ $section = scaling ]; then modes="lora_pro_full dynamic_rank"; else modes=lora; fi
+      lanes lora_one_gpu other_modes_one_gpu
       row 0,1 lora_dp2 200 "$XLA_OPTIONS" jax_step.py --scan-unroll "$SCAN_UNROLL" \
         --scale "${SCALE:-1b}" --mode lora --fsdp 1
-      for mode in lora lora_pro_full dynamic_rank; do
+      for mode in lora $([ $section = scaling ] && echo $modes); do
         row 0,1 ${mode}_fsdp2 200 "$XLA_OPTIONS" jax_step.py --scan-unroll "$SCAN_UNROLL" \
           --scale "${SCALE:-1b}" --mode $mode --fsdp 2
       done ;;
-    *) echo "unknown section $section (expected table, table7b, scaling, options)" >&2; exit 2 ;;
+    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT"/rows/*/results.jsonl > "$OUT/results.jsonl" 2>/dev/null

@@ -38,9 +38,11 @@ from lorapro_jax.sharding import make_mesh, train_shardings  # noqa: E402
 from lorapro_jax.train import TrainState, make_train_step  # noqa: E402
 
 
-def run(method: str, scale: str, steps: int, mesh_shape: tuple[int, int] | None, batch: dict):
+def run(method: str, scale: str, steps: int, mesh_shape: tuple[int, int] | None, batch: dict,
+        scan_unroll: int = 0):
   """Losses of ``steps`` steps, the change of the trainable tree (float32 numpy), compile s."""
-  setup = jax_step.build(scale, method, remat="none", base_dtype=jnp.bfloat16, scan_unroll=1)
+  setup = jax_step.build(scale, method, remat="none", base_dtype=jnp.bfloat16,
+                         scan_unroll=scan_unroll)
   loss_fn = jax_step.next_token_loss(setup.model)
   state, base = TrainState.create(setup.trainable, setup.optimizer, jax.random.key(3)), setup.base
   shardings = {}
@@ -92,6 +94,9 @@ def main(argv=None) -> int:
   parser.add_argument("--update-tol", type=float, default=0.2,
                       help="relative distance of the trainable trees' changes (bf16 reductions "
                            "in another order flip the Adam sign of near-zero gradients)")
+  parser.add_argument("--scan-unroll", type=int, default=0,
+                      help="layers per iteration of the layer loop; 0: the model's default "
+                           "(unrolled), 1: rolled")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
 
@@ -107,7 +112,8 @@ def main(argv=None) -> int:
 
   rows_out, failed = [], False
   print(f"{jax.devices()[0].device_kind} x {n}, scale {args.scale}, global batch {rows}x{seq_len}, "
-        f"{args.steps} steps, jax {jax.__version__}", flush=True)
+        f"{args.steps} steps, layer loop {'rolled' if args.scan_unroll == 1 else 'unrolled'}, "
+        f"jax {jax.__version__}", flush=True)
   header = f"{'method':24s} {'mesh':9s} {'compile s':>9s} {'loss diff':>9s} " \
            f"{'update diff':>11s}  result  losses"
   print(header, flush=True)
@@ -116,7 +122,8 @@ def main(argv=None) -> int:
     for mesh_name, mesh_shape in meshes.items():
       row = dict(method=method, mesh=mesh_name)
       try:
-        losses, update, compile_s = run(method, args.scale, args.steps, mesh_shape, batch)
+        losses, update, compile_s = run(method, args.scale, args.steps, mesh_shape, batch,
+                                             args.scan_unroll)
       except Exception as error:  # a compile failure is a finding of this check, not a crash
         row.update(ok=False, error=f"{type(error).__name__}: {str(error)[:300]}")
         print(f"{method:24s} {mesh_name:9s} FAILED {row['error']}", flush=True)

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lorapro_jax import sharding
 from lorapro_jax.checkpoint import TrainCheckpointer
 from lorapro_jax.metrics import compute_metrics
 from lorapro_jax.trees import combine
@@ -118,7 +119,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     accum_steps: int = 1, compute_dtype: Any = None,
                     regularizer: Callable[[Any, jax.Array], jax.Array] | None = None,
                     jit: bool = True, donate: bool = True, state_sharding: Any = None,
-                    base_sharding: Any = None, batch_sharding: Any = None
+                    base_sharding: Any = None, batch_sharding: Any = None,
+                    compiler_options: Mapping[str, Any] | None = None
                     ) -> Callable[..., tuple[TrainState, dict]]:
   """``step(state, base, batch) -> (state, {"loss", "grad_norm"})``.
 
@@ -132,6 +134,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     jit, donate: jit the step; donate ``state`` (never ``base``) to it.
     state_sharding, base_sharding, batch_sharding: from :mod:`lorapro_jax.sharding`; the jitted
       step keeps the state in its sharding (None: whatever the inputs have).
+    compiler_options: XLA options of the jitted step (``jax.jit``'s ``compiler_options``); None:
+      :func:`lorapro_jax.sharding.compiler_options` of the batch's mesh when sharded (all-gathers
+      combined under fsdp on GPUs), none otherwise; ``{}``: none.
   """
   if accum_steps < 1:
     raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
@@ -173,12 +178,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
   if (state_sharding is None) != (batch_sharding is None):
     raise ValueError("give both state_sharding and batch_sharding, or neither")
   if state_sharding is None:
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    return jax.jit(train_step, donate_argnums=(0,) if donate else (),
+                   compiler_options=compiler_options)
   mesh = batch_sharding.mesh
+  if compiler_options is None:
+    compiler_options = sharding.compiler_options(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   jitted = jax.jit(train_step, donate_argnums=(0,) if donate else (),
                    in_shardings=(state_sharding, base_sharding, batch_sharding),
-                   out_shardings=(state_sharding, replicated))
+                   out_shardings=(state_sharding, replicated), compiler_options=compiler_options)
 
   @functools.wraps(train_step)
   def sharded_step(state, base, batch):

@@ -1,17 +1,20 @@
 """Sharding on 8 fake CPU devices: a (data=2, fsdp=4) mesh trains LoRA-Pro (full mode, full-rank
 moments sharded) with the same losses as one device, and each leaf gets the sharding it should."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from lorapro_jax.inject import init_adapters, inject
 from lorapro_jax.lora import LoRAConfig
 from lorapro_jax.lora_pro import LoRAProFullState
-from lorapro_jax.sharding import (FSDP, batch_sharding, fsdp_spec, initialize_distributed,
-                                  make_mesh, param_shardings, shard_batch, state_shardings)
+from lorapro_jax.sharding import (ALL_GATHER_COMBINE_BYTES, DATA, FSDP, batch_sharding,
+                                  compiler_options, fsdp_spec, initialize_distributed, make_mesh,
+                                  param_shardings, shard_batch, state_shardings, train_shardings)
 from lorapro_jax.methods import METHODS
 from lorapro_jax.train import TrainState, make_train_step
 
@@ -113,6 +116,34 @@ def test_fsdp_spec_rules():
   assert fsdp_spec((4096,), 1) == P()
   with pytest.raises(ValueError, match="does not match the 8 devices"):
     make_mesh(data=3, fsdp=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeGPU:  # as much of a jax.Device as a Mesh and compiler_options read
+  id: int
+  platform: str = "gpu"
+
+
+def test_weight_gathers_are_combined_only_under_fsdp_on_gpus():
+  gpus = np.array([_FakeGPU(0), _FakeGPU(1)])
+  assert compiler_options(Mesh(gpus.reshape(1, 2), (DATA, FSDP))) == {
+      "xla_gpu_all_gather_combine_threshold_bytes": ALL_GATHER_COMBINE_BYTES}
+  assert compiler_options(Mesh(gpus.reshape(2, 1), (DATA, FSDP))) == {}  # data parallel
+  assert compiler_options(make_mesh(data=2, fsdp=4)) == {}  # CPUs
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_train_step_compiles_with_the_options_it_is_given(problem, sharded):
+  # XLA refuses an option it does not know, so the error proves the options reach the compile
+  model, base, trainable, optimizer, batches = problem
+  state = TrainState.create(trainable, optimizer, jax.random.key(0))
+  mesh = make_mesh(data=2, fsdp=4)
+  shardings = train_shardings(state, base, mesh, min_shard_size=MIN_SHARD) if sharded else {}
+  batch = shard_batch(batches[0], mesh) if sharded else batches[0]
+  step = make_train_step(_loss(model), optimizer, compiler_options={"xla_no_such_option": 1},
+                         **shardings)
+  with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
+    step.lower(state, base, batch).compile()
 
 
 def test_batches_split_over_all_devices_and_bad_sizes_are_named():
