@@ -152,8 +152,8 @@ def compiler_options(mesh: Mesh) -> dict[str, Any]:
   fsdp gathers every frozen kernel before its product, one all-gather each (7 a layer, 175 a step
   on the 1b decoder); XLA's default limit leaves them apart, and their fixed cost per collective
   is not hidden behind the layer's compute. Combined up to 256 MiB, a few layers' kernels arrive
-  in one gather (1b LoRA step, fsdp 2 on 2 H200s: 99.3 -> 95.2 ms, 92% of one GPU's step instead
-  of 88%, peak memory 17.4 -> 17.5 GiB; ``benchmarks/README.md``). Elsewhere (data parallel: one
+  in one gather (1b LoRA step, fsdp 2 on 2 H200s: 99.3 -> 92.7-95.3 ms, 94% of one GPU's step
+  instead of 88%, peak memory +0.1 GiB; ``benchmarks/README.md``). Elsewhere (data parallel: one
   combined all-reduce already; CPUs; TPUs, whose compiler schedules its own): no options.
   """
   if mesh.shape[FSDP] > 1 and mesh.devices.flat[0].platform == "gpu":
