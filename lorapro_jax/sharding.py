@@ -154,10 +154,13 @@ def compiler_options(mesh: Mesh) -> dict[str, Any]:
   is not hidden behind the layer's compute. Combined up to 256 MiB, a few layers' kernels arrive
   in one gather (1b LoRA step, fsdp 2 on 2 H200s: 99.3 -> 92.7-95.3 ms, 94% of one GPU's step
   instead of 88%, peak memory +0.1 GiB; ``benchmarks/README.md``). Elsewhere (data parallel: one
-  combined all-reduce already; CPUs; TPUs, whose compiler schedules its own): no options.
+  combined all-reduce already; CPUs; TPUs, whose compiler schedules its own): no options. A
+  value of the same option in ``XLA_FLAGS`` wins (compile options would override it).
   """
-  if mesh.shape[FSDP] > 1 and mesh.devices.flat[0].platform == "gpu":
-    return {"xla_gpu_all_gather_combine_threshold_bytes": ALL_GATHER_COMBINE_BYTES}
+  option = "xla_gpu_all_gather_combine_threshold_bytes"
+  if (mesh.shape[FSDP] > 1 and mesh.devices.flat[0].platform == "gpu"
+      and option not in os.environ.get("XLA_FLAGS", "")):
+    return {option: ALL_GATHER_COMBINE_BYTES}
   return {}
 
 

@@ -124,12 +124,16 @@ class _FakeGPU:  # as much of a jax.Device as a Mesh and compiler_options read
   platform: str = "gpu"
 
 
-def test_weight_gathers_are_combined_only_under_fsdp_on_gpus():
+def test_weight_gathers_are_combined_only_under_fsdp_on_gpus(monkeypatch):
   gpus = np.array([_FakeGPU(0), _FakeGPU(1)])
-  assert compiler_options(Mesh(gpus.reshape(1, 2), (DATA, FSDP))) == {
+  fsdp = Mesh(gpus.reshape(1, 2), (DATA, FSDP))
+  assert compiler_options(fsdp) == {
       "xla_gpu_all_gather_combine_threshold_bytes": ALL_GATHER_COMBINE_BYTES}
   assert compiler_options(Mesh(gpus.reshape(2, 1), (DATA, FSDP))) == {}  # data parallel
   assert compiler_options(make_mesh(data=2, fsdp=4)) == {}  # CPUs
+  # the user's own value of the option in XLA_FLAGS is not overridden
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_all_gather_combine_threshold_bytes=1048576")
+  assert compiler_options(fsdp) == {}
 
 
 @pytest.mark.parametrize("sharded", [True, False])
