@@ -9,7 +9,7 @@
 #   table7b  the same at LLaMA-2-7B's shape (4 x 1024);
 #   scaling  issue 15's 1b weak-scaling rows: one GPU, data 2, fsdp 2 (needs 2 GPUs);
 #   scaling_lora  its LoRA rows only, the one-GPU row on each GPU (the 2-GPU step waits for the
-#            slower one);
+#            slower one), and data 2 / fsdp 2 again as one process per GPU (jax.distributed);
 #   options  the 1b LoRA step under single XLA options, layer loop rolled and unrolled.
 # With two GPUs a table's two lanes (ours on GPU 0, the peers on GPU 1) run at the same time, so
 # the ratios come from one call; with one they run one after the other. XLA_OPTIONS (default
@@ -29,21 +29,47 @@ mkdir -p "$OUT/rows" "$OUT/logs"
 started=$SECONDS
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
 PEERS_GPU=$([ "$GPUS" -ge 2 ] && echo 1 || echo 0)
+PROCS=${PROCS:-$GPUS}  # processes of the _procs rows, one per GPU
+
+limit_or_skip() {  # limit_or_skip <tag> <timeout s>: the timeout within the call's budget, or
+  local left=$((CALL_BUDGET - (SECONDS - started)))  # nothing (and a line) when it is spent
+  if [ "$left" -lt 40 ]; then echo "== $1 skipped (call budget)" >> "$OUT/summary.log"; return; fi
+  echo $(($2 < left ? $2 : left))
+}
+
+record() {  # record <tag> <rc> <XLA_FLAGS> <what ran> <log>: a line of summary.log
+  local tag=$1 rc=$2 flags=$3 what=$4 log=$5 result="$OUT/rows/$1/results.jsonl" numbers="no result"
+  [ -f "$result" ] && numbers=$(grep -o '"ms_per_step": [0-9.]*\|"ms_per_step_pipelined": [0-9.]*\|"first_step_s": [0-9.]*\|"setup_s": [0-9.]*\|"compile_s": [0-9.]*' "$result" | tr '\n' ' ')
+  {
+    echo "== $tag [$flags] $what rc=$rc: $numbers"
+    [ "$rc" = 0 ] || tail -4 "$log" | cut -c1-300 | sed "s/^/     /"
+  } >> "$OUT/summary.log"
+}
 
 row() {  # row <CUDA_VISIBLE_DEVICES> <tag> <timeout s> <XLA_FLAGS> <script> <args...>
-  local gpus=$1 tag=$2 limit=$3 flags=$4 script=$5; shift 5
-  local left=$((CALL_BUDGET - (SECONDS - started)))
-  if [ "$left" -lt 40 ]; then echo "== $tag skipped (call budget)" >> "$OUT/summary.log"; return; fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  local gpus=$1 tag=$2 limit flags=$4 script=$5
+  limit=$(limit_or_skip "$tag" "$3"); shift 5
+  [ -n "$limit" ] || return
   mkdir -p "$OUT/rows/$tag"
   XLA_FLAGS="$flags" CUDA_VISIBLE_DEVICES=$gpus timeout "$limit" "$PY" "benchmarks/$script" \
     --steps "$STEPS" --out "$OUT/rows/$tag" "$@" > "$OUT/logs/$tag.log" 2>&1
-  local rc=$? result="$OUT/rows/$tag/results.jsonl" numbers="no result"
-  [ -f "$result" ] && numbers=$(grep -o '"ms_per_step": [0-9.]*\|"ms_per_step_pipelined": [0-9.]*\|"first_step_s": [0-9.]*\|"setup_s": [0-9.]*\|"compile_s": [0-9.]*' "$result" | tr '\n' ' ')
-  {
-    echo "== $tag [$flags] $script $* rc=$rc: $numbers"
-    [ "$rc" = 0 ] || tail -4 "$OUT/logs/$tag.log" | cut -c1-300 | sed "s/^/     /"
-  } >> "$OUT/summary.log"
+  record "$tag" $? "$flags" "$script $*" "$OUT/logs/$tag.log"
+}
+
+procs_row() {  # procs_row <tag> <timeout s> <jax_step args...>: one process per GPU, one mesh
+  local tag=$1 limit i rc=0 port=$((20000 + RANDOM % 20000)) pids=()
+  limit=$(limit_or_skip "$tag" "$2"); shift 2
+  [ -n "$limit" ] || return
+  mkdir -p "$OUT/rows/$tag"
+  for ((i = 0; i < PROCS; i++)); do
+    XLA_FLAGS="$XLA_OPTIONS" JAX_COORDINATOR_ADDRESS=localhost:$port JAX_NUM_PROCESSES=$PROCS \
+      JAX_PROCESS_ID=$i JAX_LOCAL_DEVICE_IDS=$i timeout "$limit" "$PY" benchmarks/jax_step.py \
+      --scan-unroll "$SCAN_UNROLL" --steps "$STEPS" --out "$OUT/rows/$tag" "$@" \
+      > "$OUT/logs/$tag.$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${pids[@]}"; do wait "$i" || rc=$?; done
+  record "$tag" $rc "$XLA_OPTIONS" "$PROCS processes: jax_step.py $*" "$OUT/logs/$tag.0.log"
 }
 
 ours() {  # ours <tag> <timeout s> <jax_step args...>: on GPU 0, under XLA_OPTIONS
@@ -121,7 +147,11 @@ for section in ${*:-table}; do
       for mode in lora $([ $section = scaling ] && echo $modes); do
         row 0,1 ${mode}_fsdp2 200 "$XLA_OPTIONS" jax_step.py --scan-unroll "$SCAN_UNROLL" \
           --scale "${SCALE:-1b}" --mode $mode --fsdp 2
-      done ;;
+      done
+      if [ $section = scaling_lora ]; then  # the same meshes, one process per GPU
+        procs_row lora_dp2_procs 200 --scale "${SCALE:-1b}" --mode lora --fsdp 1
+        procs_row lora_fsdp2_procs 200 --scale "${SCALE:-1b}" --mode lora --fsdp 2
+      fi ;;
     *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options)" >&2; exit 2 ;;
   esac
 done

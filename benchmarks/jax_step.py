@@ -24,6 +24,12 @@ Usage: python benchmarks/jax_step.py --scale 1b --mode lora [--steps 10] [--out 
 and full-rank optimizer state split along fsdp, adapters like their kernels, rows along both
 axes) with the scale's batch per device (weak scaling); the numbers stay per device, and
 ``global_tokens_per_s`` and the largest per-device peak memory are added.
+One process per GPU (as on a cluster): start one process per device with ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` and ``JAX_LOCAL_DEVICE_IDS`` set
+(:func:`lorapro_jax.sharding.initialize_distributed`; ``gpu_rows.sh`` does this for its
+``_procs`` rows) and ``--fsdp N``; the mesh then spans the processes, every process computes the
+same global batch and keeps its own rows, and process 0 writes the result (``processes``, and
+the largest peak memory of all devices).
 ``--breakdown`` also times the gradient alone (loss + backward, no optimizer), so that the
 optimizer's share of the step is the difference.
 
@@ -61,6 +67,10 @@ import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
+if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+  # several processes on CPUs (the tests) exchange through gloo; chosen before the backend starts
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 from lorapro_jax.dynamic_rank import DynamicRankConfig  # noqa: E402
 from lorapro_jax.lora import LoRAConfig  # noqa: E402
@@ -211,8 +221,12 @@ def main(argv=None):
   if args.steps < 1:
     parser.error(f"--steps must be >= 1, got {args.steps}")
 
+  from lorapro_jax.sharding import initialize_distributed, place
   from lorapro_jax.train import TrainState, make_train_step
   from lorapro_jax.trees import count_params
+  _, processes = initialize_distributed()
+  if processes > 1 and not args.fsdp:
+    parser.error(f"{processes} processes train one mesh: give --fsdp (1 for data parallel)")
   setup = build(args.scale, args.mode, args.remat, jnp.dtype(args.base_dtype), args.scan_unroll)
   model, optimizer, config = setup.model, setup.optimizer, setup.config
   batch, seq_len = common.SCALES[args.scale]["batch"], common.SCALES[args.scale]["seq_len"]
@@ -227,9 +241,12 @@ def main(argv=None):
     from lorapro_jax.sharding import make_mesh, train_shardings
     mesh = make_mesh(fsdp=args.fsdp)
     shardings = train_shardings(state, base, mesh)
-    state = jax.device_put(state, shardings["state_sharding"])
-    base = jax.device_put(base, shardings["base_sharding"])
-    data = jax.device_put(data, shardings["batch_sharding"])
+    # jax.device_put cannot place onto other processes' devices; place() can (every process
+    # holds the same full values, computed from the same seeds)
+    put = place if processes > 1 else jax.device_put
+    state = put(state, shardings["state_sharding"])
+    base = put(base, shardings["base_sharding"])
+    data = put(data, shardings["batch_sharding"])
   jitted_step = make_train_step(loss_fn, optimizer, regularizer=setup.regularizer, **shardings)
 
   # Ahead of time, so that the XLA compile is timed alone (the sharded step's .lower sets the mesh
@@ -299,10 +316,14 @@ def main(argv=None):
       grad_times.append(time.perf_counter() - start)
     extra["grad_only_ms"] = 1e3 * float(np.median(grad_times))
 
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]
   stats = device.memory_stats() or {}
   if args.fsdp:
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.devices()]
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()]
+    if processes > 1:
+      from jax.experimental import multihost_utils
+      peaks = multihost_utils.process_allgather(np.asarray(max(peaks))).tolist()
+      extra.update(processes=processes)
     stats = {"peak_bytes_in_use": max(peaks)}
     extra.update(devices=devices, mesh=dict(mesh.shape))
   trainable_count = count_params(state.trainable)
@@ -321,7 +342,8 @@ def main(argv=None):
       versions=dict(jax=jax.__version__), **extra)
   if args.fsdp:
     result["global_tokens_per_s"] = result["tokens_per_s"] * devices
-  common.write_result(result, args.out)
+  if jax.process_index() == 0:
+    common.write_result(result, args.out)
   return result
 
 

@@ -199,7 +199,10 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
 def initialize_distributed(env: Mapping[str, str] | None = None) -> tuple[int, int]:
   """Starts multi-host JAX when the environment says so; returns (process_index, process_count).
 
-  Reads ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``;
+  Reads ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``,
+  and optionally ``JAX_LOCAL_DEVICE_IDS`` (comma-separated, e.g. ``"3"``): the GPUs of this host
+  that this process drives, for one process per GPU (every GPU stays visible to CUDA, so NCCL
+  still connects them peer to peer; ``CUDA_VISIBLE_DEVICES`` would hide them from each other).
   ``LORAPRO_DISTRIBUTED=auto`` lets JAX detect the cluster itself (TPU pods, SLURM, Open MPI).
   Without either, nothing is started (one host).
   """
@@ -208,9 +211,16 @@ def initialize_distributed(env: Mapping[str, str] | None = None) -> tuple[int, i
     missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
     if missing:
       raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} are not")
+    local_ids = env.get("JAX_LOCAL_DEVICE_IDS", "").strip()
+    try:
+      local_device_ids = [int(i) for i in local_ids.split(",")] if local_ids else None
+    except ValueError:
+      raise ValueError(f"JAX_LOCAL_DEVICE_IDS={local_ids!r}: expected device numbers separated "
+                       "by commas, e.g. '0' or '0,1'") from None
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env["JAX_NUM_PROCESSES"]),
-                               process_id=int(env["JAX_PROCESS_ID"]))
+                               process_id=int(env["JAX_PROCESS_ID"]),
+                               local_device_ids=local_device_ids)
   elif env.get("LORAPRO_DISTRIBUTED") == "auto":
     jax.distributed.initialize()
   elif env.get("LORAPRO_DISTRIBUTED") not in (None, ""):

@@ -7,7 +7,7 @@ composition with LoRA-Pro, one config driving transform, DEM, shrink and a PEFT 
 PyTorch loads (one kernel pruned to rank 0), and the heatmap's cells."""
 import math
 import os
-import time
+import sys
 import warnings
 from fractions import Fraction
 
@@ -28,6 +28,10 @@ from lorapro_jax.dynamic_rank import (  # noqa: E402
     DynamicRankConfig, DynamicRankState, dem_penalty, dem_regularizer, dynamic_rank,
     norm_ratio_scores, plot_rank_heatmap, pruning_events, rank_pattern, sensitivity_scores, shrink)
 from lorapro_jax.lora import LoRAConfig  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import dynamic_rank_cpu_overhead  # noqa: E402
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -596,58 +600,12 @@ def test_no_n_in_by_n_out_intermediate_in_the_jaxpr(score):
   assert _largest_intermediate(brute) >= n_in * n_out
 
 
-def test_per_step_overhead_is_reported_and_updates_pass_through():
-  """A small CPU model: 6 residual layers of MiniLM-L6-shaped kernels (4 of 384x384, 384x1536,
-  1536x384), gated adapters r' = 12 on all 36, batch 64. Timings are printed, not asserted."""
-  rng = np.random.default_rng(0)
-  shapes = {"query": (384, 384), "key": (384, 384), "value": (384, 384), "out": (384, 384),
-            "ffn_in": (384, 1536), "ffn_out": (1536, 384)}
-  layers = [str(i) for i in range(6)]
-  base = {i: {k: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
-              for k, s in shapes.items()} for i in layers}
-  params = {"layer": {i: {k: {"lora_a": jnp.asarray(rng.normal(size=(n, 12)) / 20, jnp.float32),
-                              "lora_b": jnp.asarray(rng.normal(size=(12, m)) / 20, jnp.float32),
-                              "lora_c": jnp.zeros((12,), jnp.float32)}
-                          for k, (n, m) in shapes.items()} for i in layers}}
-  x = jnp.asarray(rng.normal(size=(64, 384)), jnp.float32)
-  grads = jax.tree.map(lambda leaf: 1e-3 * jnp.ones_like(leaf), params)
-
-  def dense(h, kernel, node):
-    return h @ kernel + 2.0 * ((h @ node["lora_a"]) * node["lora_c"]) @ node["lora_b"]
-
-  def loss(p):
-    h = x
-    for i in layers:
-      for k in ("query", "key", "value", "out"):
-        h = h + jnp.tanh(dense(h, base[i][k], p["layer"][i][k]))
-      h = h + dense(jax.nn.gelu(dense(h, base[i]["ffn_in"], p["layer"][i]["ffn_in"])),
-                    base[i]["ffn_out"], p["layer"][i]["ffn_out"])
-    return jnp.mean(h ** 2)
-
-  steps, results = {}, {}
-  for name, optimizer in [("adamw", optax.adamw(1e-3)),
-                          ("adamw+dynamic_rank", optax.chain(optax.adamw(1e-3), dynamic_rank(
-                              DynamicRankConfig(1000, 8))))]:
-    state = optimizer.init(params)
-
-    def train_step(p, s, optimizer=optimizer):
-      updates, s = optimizer.update(jax.grad(loss)(p), s, p)
-      return optax.apply_updates(p, updates), s
-
-    steps[f"{name} step"] = (jax.jit(train_step), (params, state))
-    steps[f"{name} update"] = (jax.jit(optimizer.update), (grads, state, params))
-    results[name] = jax.block_until_ready(steps[f"{name} step"][0](params, state))[0]
-  for fn, args in steps.values():
-    jax.block_until_ready(fn(*args))      # compiles
-  runs = {name: [] for name in steps}
-  for _ in range(10):                     # interleaved: a shared machine's load hits all alike
-    for name, (fn, args) in steps.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      runs[name].append(1e3 * (time.perf_counter() - start))
-  print("\nms on CPU, 10 interleaved runs: " + "; ".join(
-      f"{name}: min {min(r):.2f} median {np.median(r):.2f}" for name, r in runs.items()))
-  # Step 1 is no event: everything passes through bit for bit.
+def test_a_step_without_an_event_passes_every_update_through():
+  """On the model of benchmarks/dynamic_rank_cpu_overhead.py (which times the same two steps)."""
+  params, loss, _ = dynamic_rank_cpu_overhead.problem()
+  results = {name: dynamic_rank_cpu_overhead.train_step(loss, optimizer)(
+      params, optimizer.init(params))[0]
+      for name, optimizer in dynamic_rank_cpu_overhead.optimizers().items()}
   chex.assert_trees_all_equal(results["adamw"], results["adamw+dynamic_rank"])
 
 

@@ -165,3 +165,16 @@ def test_single_host_without_environment():
     initialize_distributed({"JAX_COORDINATOR_ADDRESS": "localhost:1234"})
   with pytest.raises(ValueError, match="LORAPRO_DISTRIBUTED='yes'"):
     initialize_distributed({"LORAPRO_DISTRIBUTED": "yes"})
+
+
+def test_one_process_per_gpu_names_its_devices(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  cluster = {"JAX_COORDINATOR_ADDRESS": "localhost:1234", "JAX_NUM_PROCESSES": "2",
+             "JAX_PROCESS_ID": "1"}
+  initialize_distributed({**cluster, "JAX_LOCAL_DEVICE_IDS": "1"})
+  initialize_distributed(cluster)
+  assert calls == [dict(coordinator_address="localhost:1234", num_processes=2, process_id=1,
+                        local_device_ids=ids) for ids in ([1], None)]
+  with pytest.raises(ValueError, match="JAX_LOCAL_DEVICE_IDS='gpu1'"):
+    initialize_distributed({**cluster, "JAX_LOCAL_DEVICE_IDS": "gpu1"})
