@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 import jax_step  # noqa: E402
+import lora_vs_full_cpu  # noqa: E402
 import report  # noqa: E402
 
 
@@ -114,6 +115,13 @@ def test_jax_step_over_two_processes_trains_like_one_process(tmp_path):
   assert two["processes"] == 2 and "processes" not in alone
   assert two["devices"] == alone["devices"] == 8
   assert two["losses"] == pytest.approx(alone["losses"], rel=1e-5)
+
+
+def test_a_lora_step_does_less_work_than_a_full_step():
+  """XLA's own FLOP count: the kernel gradients x^T dy are gone, the rank-8 products are thin."""
+  result = lora_vs_full_cpu.main(["--hidden", "64", "--layers", "1", "--batch", "2",
+                                  "--seq-len", "16", "--steps", "1", "--warmup", "1"])
+  assert result["flops"]["lora"] < 0.8 * result["flops"]["full"]
 
 
 def test_report_names_compiled_peers_and_shows_startup_columns():
