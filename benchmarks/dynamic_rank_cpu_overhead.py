@@ -23,18 +23,18 @@ from lorapro_jax.dynamic_rank import DynamicRankConfig, dynamic_rank
 
 SHAPES = {"query": (384, 384), "key": (384, 384), "value": (384, 384), "out": (384, 384),
           "ffn_in": (384, 1536), "ffn_out": (1536, 384)}
-LAYERS = tuple(str(i) for i in range(6))
 
 
-def problem():
+def problem(num_layers: int = 6):
   """``(params, loss, grads)``: the gated adapters, the loss of the model, constant gradients."""
+  layers = tuple(str(i) for i in range(num_layers))
   rng = np.random.default_rng(0)
   base = {i: {k: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
-              for k, s in SHAPES.items()} for i in LAYERS}
+              for k, s in SHAPES.items()} for i in layers}
   params = {"layer": {i: {k: {"lora_a": jnp.asarray(rng.normal(size=(n, 12)) / 20, jnp.float32),
                               "lora_b": jnp.asarray(rng.normal(size=(12, m)) / 20, jnp.float32),
                               "lora_c": jnp.zeros((12,), jnp.float32)}
-                          for k, (n, m) in SHAPES.items()} for i in LAYERS}}
+                          for k, (n, m) in SHAPES.items()} for i in layers}}
   x = jnp.asarray(rng.normal(size=(64, 384)), jnp.float32)
 
   def dense(h, kernel, node):
@@ -42,7 +42,7 @@ def problem():
 
   def loss(p):
     h = x
-    for i in LAYERS:
+    for i in layers:
       for k in ("query", "key", "value", "out"):
         h = h + jnp.tanh(dense(h, base[i][k], p["layer"][i][k]))
       h = h + dense(jax.nn.gelu(dense(h, base[i]["ffn_in"], p["layer"][i]["ffn_in"])),

@@ -174,6 +174,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   if not jit:
+    if compiler_options:
+      raise ValueError(f"compiler_options={dict(compiler_options)} need jit=True: an unjitted "
+                       "step is not compiled as a whole")
     return train_step
   if (state_sharding is None) != (batch_sharding is None):
     raise ValueError("give both state_sharding and batch_sharding, or neither")

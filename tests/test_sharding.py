@@ -148,6 +148,8 @@ def test_train_step_compiles_with_the_options_it_is_given(problem, sharded):
                          **shardings)
   with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
     step.lower(state, base, batch).compile()
+  with pytest.raises(ValueError, match="need jit=True"):
+    make_train_step(_loss(model), optimizer, jit=False, compiler_options={"xla_option": 1})
 
 
 def test_batches_split_over_all_devices_and_bad_sizes_are_named():
