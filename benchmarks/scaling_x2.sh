@@ -18,7 +18,7 @@ SECTIONS=${*:-check rows profile}
 for section in $SECTIONS; do
   case $section in
     check)
-      timeout 300 "$PY" benchmarks/multi_gpu_check.py --scale base --out "$OUT" \
+      timeout 480 "$PY" benchmarks/multi_gpu_check.py --scale base --out "$OUT" \
         > "$OUT/multi_gpu_check.log" 2>&1; echo "multi_gpu_check exit $?"
       tail -25 "$OUT/multi_gpu_check.log" ;;
     rows)  # the scanned rows of this page's table (benchmarks/gpu_rows.sh runs them)
