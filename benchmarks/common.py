@@ -10,15 +10,15 @@ import platform
 import statistics
 import time
 
-# The two scales of issue 9 (and LLaMA-2-7B's, below). "1b" is TinyLlama-1.1B's shape; "base" is a Llama-style decoder at
-# T5-base's width and depth (hidden 768, 12 layers, 12 heads, SwiGLU 2048).
+# The scales: issue 9's "1b" (TinyLlama-1.1B's shape) and "base" (a Llama-style decoder at
+# T5-base's width and depth: hidden 768, 12 layers, 12 heads, SwiGLU 2048), issue 16's "7b".
 SCALES = {
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
                num_heads=32, num_kv_heads=4, batch=8, seq_len=1024),
     "base": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
                  num_heads=12, num_kv_heads=12, batch=32, seq_len=128),
-    # LLaMA-2-7B's shape (issue 16, must-show 4) at 4 rows of 1024, the most LoRA-Pro full fits
-    # with room on an H200 (benchmarks/llm_7b.py: 83 GiB peak).
+    # LLaMA-2-7B's shape (issue 16, must-show 4) at 4 rows of 1024 for every mode: LoRA-Pro full
+    # with its float32 moments peaks at 85 GiB of an H200's 139 (LoRA at 37).
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                num_heads=32, num_kv_heads=32, batch=4, seq_len=1024),
     "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,

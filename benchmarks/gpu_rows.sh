@@ -31,8 +31,10 @@ GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
 PEERS_GPU=$([ "$GPUS" -ge 2 ] && echo 1 || echo 0)
 PROCS=${PROCS:-$GPUS}  # processes of the _procs rows, one per GPU
 
-limit_or_skip() {  # limit_or_skip <tag> <timeout s>: the timeout within the call's budget, or
-  local left=$((CALL_BUDGET - (SECONDS - started)))  # nothing (and a line) when it is spent
+# limit_or_skip <tag> <timeout s>: the timeout cut to what is left of the call's budget, or
+# nothing (and a "skipped" line in summary.log) when too little is left
+limit_or_skip() {
+  local left=$((CALL_BUDGET - (SECONDS - started)))
   if [ "$left" -lt 40 ]; then echo "== $1 skipped (call budget)" >> "$OUT/summary.log"; return; fi
   echo $(($2 < left ? $2 : left))
 }
