@@ -59,19 +59,14 @@ row() {  # row <CUDA_VISIBLE_DEVICES> <tag> <timeout s> <XLA_FLAGS> <script> <ar
 }
 
 procs_row() {  # procs_row <tag> <timeout s> <jax_step args...>: one process per GPU, one mesh
-  local tag=$1 limit i rc=0 port=$((20000 + RANDOM % 20000)) pids=()
+  local tag=$1 limit
   limit=$(limit_or_skip "$tag" "$2"); shift 2
   [ -n "$limit" ] || return
   mkdir -p "$OUT/rows/$tag"
-  for ((i = 0; i < PROCS; i++)); do
-    XLA_FLAGS="$XLA_OPTIONS" JAX_COORDINATOR_ADDRESS=localhost:$port JAX_NUM_PROCESSES=$PROCS \
-      JAX_PROCESS_ID=$i JAX_LOCAL_DEVICE_IDS=$i timeout "$limit" "$PY" benchmarks/jax_step.py \
-      --scan-unroll "$SCAN_UNROLL" --steps "$STEPS" --out "$OUT/rows/$tag" "$@" \
-      > "$OUT/logs/$tag.$i.log" 2>&1 &
-    pids+=($!)
-  done
-  for i in "${pids[@]}"; do wait "$i" || rc=$?; done
-  record "$tag" $rc "$XLA_OPTIONS" "$PROCS processes: jax_step.py $*" "$OUT/logs/$tag.0.log"
+  XLA_FLAGS="$XLA_OPTIONS" "$PY" -m lorapro_jax.launch --processes "$PROCS" --timeout "$limit" \
+    --log-dir "$OUT/logs/$tag" -- "$PY" benchmarks/jax_step.py --scan-unroll "$SCAN_UNROLL" \
+    --steps "$STEPS" --out "$OUT/rows/$tag" "$@"
+  record "$tag" $? "$XLA_OPTIONS" "$PROCS processes: jax_step.py $*" "$OUT/logs/$tag/process_0.log"
 }
 
 ours() {  # ours <tag> <timeout s> <jax_step args...>: on GPU 0, under XLA_OPTIONS

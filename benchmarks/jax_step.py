@@ -44,7 +44,8 @@ The steps then run the compiled executable itself, so the compile is paid once;
 ``compiles_in_steps`` counts the XLA compilations seen during the steps (0 expected).
 ``ms_per_step`` is the median of steps timed one by one (blocked after each);
 ``ms_per_step_pipelined`` times as many steps dispatched back to back and blocked once, as a loop
-that does not read the loss every step runs them.
+that does not read the loss every step runs them. ``xla_memory_gib`` is XLA's memory analysis of
+the compiled step on one device (arguments, outputs, scratch), next to the runtime ``peak_gib``.
 """
 from __future__ import annotations
 
@@ -264,6 +265,13 @@ def main(argv=None):
   compile_cache_hit = compiles.cache_hits > 0
   backend_compile_s = compiles.compile_seconds  # jax's own timing of the XLA compile inside it
   compiles.reset()
+  # XLA's own account of one device's memory for the step (arguments + outputs not aliased to
+  # them + scratch): a second opinion on the runtime peak, which memory_stats() gave too low
+  # (1.5-1.9 GiB) for the one-process-per-GPU rows on H200s
+  memory = train_step.memory_analysis()
+  xla_memory_gib = None if memory is None else (
+      memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes) / 2**30
 
   losses = []
   warmup = args.warmup
@@ -298,7 +306,7 @@ def main(argv=None):
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"non-finite loss in {args.mode}: {losses}")
 
-  extra = {"ms_per_step_pipelined": pipelined_ms}
+  extra = {"ms_per_step_pipelined": pipelined_ms, "xla_memory_gib": xla_memory_gib}
   if args.breakdown:
     from lorapro_jax.train import combine_params
 

@@ -42,6 +42,8 @@ def label(row: dict) -> str:
     notes.append(f"torch.compile {compile_mode}{suffix}")
   if row.get("mesh"):
     notes.append(", ".join(f"{axis} {size}" for axis, size in row["mesh"].items()))
+  if row.get("processes"):
+    notes.append(f"{row['processes']} processes")
   if row.get("xla_flags"):
     notes.append(row["xla_flags"])
   return row["mode"] + "".join(f" ({note})" for note in notes)

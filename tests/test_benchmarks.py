@@ -1,16 +1,17 @@
 """Benchmarks (issue 16): start-up times of the JAX step and the PyTorch peers, the torch.compile
 peers, and the report's rows for them. Tiny shapes on the CPU; the numbers themselves come from
 the GPU (benchmarks/README.md)."""
+import concurrent.futures
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import pytest
+
+from lorapro_jax.launch import launch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
@@ -98,18 +99,16 @@ def test_jax_step_over_two_processes_trains_like_one_process(tmp_path):
   """Two processes of 4 devices each (gloo on the CPU; on a GPU host, one process per GPU) give
   the losses of this process driving all 8 on the same (data 8) mesh; only process 0 writes."""
   argv = ["--scale", "tiny", "--mode", "lora", "--fsdp", "1", "--steps", "1", "--warmup", "1"]
-  with socket.socket() as probe:
-    probe.bind(("localhost", 0))
-    port = probe.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-         "JAX_NUM_PROCESSES": "2", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   script = os.path.join(os.path.dirname(jax_step.__file__), "jax_step.py")
-  processes = [subprocess.Popen([sys.executable, script, *argv, "--out", str(tmp_path)],
-                                env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  alone = jax_step.main(argv)
-  outputs = [p.communicate(timeout=600)[0] for p in processes]
-  assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the two processes run meanwhile
+    status = pool.submit(launch, [sys.executable, script, *argv, "--out", str(tmp_path)],
+                         processes=2, devices_per_process=0, env=env, log_dir=tmp_path / "logs",
+                         timeout_s=600)
+    alone = jax_step.main(argv)
+  assert status.result() == 0, "\n".join(
+      (tmp_path / "logs" / f"process_{i}.log").read_text()[-3000:] for i in range(2))
   with open(tmp_path / "results.jsonl") as handle:
     (two,) = [json.loads(line) for line in handle]
   assert two["processes"] == 2 and "processes" not in alone

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+
+from lorapro_jax.launch import launch
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_driver.py")
 REPO = os.path.dirname(os.path.dirname(DRIVER))
@@ -36,15 +36,9 @@ INHERITED_CLUSTER = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCES
                      "LORAPRO_DISTRIBUTED", "JAX_NUM_CPU_DEVICES", "XLA_FLAGS")
 
 
-def _free_port() -> int:
-  with socket.socket() as probe:
-    probe.bind(("localhost", 0))
-    return probe.getsockname()[1]
-
-
-def _driver_env(local_devices: int, cluster: dict[str, str]) -> dict[str, str]:
+def _driver_env(local_devices: int) -> dict[str, str]:
   env = {name: value for name, value in os.environ.items() if name not in INHERITED_CLUSTER}
-  env.update(cluster, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
              PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
   cache_dir = jax.config.jax_compilation_cache_dir  # the suite's (conftest.py): reruns compile less
@@ -53,42 +47,8 @@ def _driver_env(local_devices: int, cluster: dict[str, str]) -> dict[str, str]:
   return env
 
 
-def _start(name: str, workdir, local_devices: int, cluster: dict[str, str], out: str,
-           checkpoints: str):
-  """Starts one driver process; its stdout and stderr go to ``<workdir>/<name>.log``."""
-  log_path = workdir / f"{name}.log"
-  with open(log_path, "wb") as log:
-    process = subprocess.Popen(
-        [sys.executable, DRIVER, "--out", out, "--checkpoints", checkpoints, "--runs", RUNS],
-        env=_driver_env(local_devices, cluster), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-  return name, process, log_path
-
-
-def _wait(started, timeout_s: float) -> None:
-  """Waits for every process; when one fails or time runs out, kills the rest (a process whose
-  peer died would wait in a collective until its own timeouts) and fails with their logs."""
-  deadline = time.monotonic() + timeout_s
-  running = list(started)
-  failure = None
-  while running and failure is None:
-    for entry in list(running):
-      code = entry[1].poll()
-      if code is not None:
-        running.remove(entry)
-        if code != 0:
-          failure = f"{entry[0]} exited with status {code}"
-    if time.monotonic() > deadline:
-      failure = f"timed out after {timeout_s} s ({[entry[0] for entry in running]} still running)"
-    time.sleep(0.1)
-  for _, process, _ in started:
-    if process.poll() is None:
-      process.kill()
-    process.wait()
-  if failure is not None:
-    logs = "\n".join(f"----- {name} (status {process.returncode}) -----\n"
-                     + log_path.read_text(errors="replace")[-6000:]
-                     for name, process, log_path in started)
-    pytest.fail(f"multi-host driver: {failure}\n{logs}", pytrace=False)
+def _driver(out: str, checkpoints: str) -> list[str]:
+  return [sys.executable, DRIVER, "--out", out, "--checkpoints", checkpoints, "--runs", RUNS]
 
 
 def _read(out: str, process_index: int) -> dict:
@@ -98,19 +58,29 @@ def _read(out: str, process_index: int) -> dict:
 
 def _run_all(workdir):
   """(one JSON per process of the 2-process cluster, the 1-process reference's JSON, the
-  cluster's checkpoint root)."""
+  cluster's checkpoint root). The cluster is started by :func:`lorapro_jax.launch.launch`, as a
+  user starts one process per GPU; its logs are ``<workdir>/process_<i>.log``."""
   cluster_out, single_out = str(workdir / "cluster"), str(workdir / "single")
   cluster_checkpoints = str(workdir / "cluster_checkpoints")
-  port = _free_port()
-  # All three at once: the cluster's processes often wait for each other, the reference fills in.
-  started = [_start(f"process_{index}", workdir, DEVICES_PER_PROCESS,
-                    {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-                     "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(index)},
-                    cluster_out, cluster_checkpoints)
-             for index in range(PROCESSES)]
-  started.append(_start("single_process", workdir, PROCESSES * DEVICES_PER_PROCESS, {},
-                        single_out, str(workdir / "single_checkpoints")))
-  _wait(started, TIMEOUT_S)
+  single_log = workdir / "single_process.log"
+  with open(single_log, "wb") as log:
+    # The reference runs meanwhile: the cluster's processes often wait for each other.
+    single = subprocess.Popen(_driver(single_out, str(workdir / "single_checkpoints")),
+                              env=_driver_env(PROCESSES * DEVICES_PER_PROCESS), stdout=log,
+                              stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+      status = launch(_driver(cluster_out, cluster_checkpoints), PROCESSES, devices_per_process=0,
+                      env=_driver_env(DEVICES_PER_PROCESS), log_dir=workdir, timeout_s=TIMEOUT_S)
+      single_status = single.wait(timeout=TIMEOUT_S)
+    finally:
+      if single.poll() is None:
+        single.kill()
+        single.wait()
+  if status or single_status:
+    logs = [workdir / f"process_{index}.log" for index in range(PROCESSES)] + [single_log]
+    pytest.fail(f"multi-host driver: cluster status {status}, single process {single_status}\n"
+                + "\n".join(f"----- {path.name} -----\n" + path.read_text(errors="replace")[-6000:]
+                            for path in logs), pytrace=False)
   return ([_read(cluster_out, index) for index in range(PROCESSES)], _read(single_out, 0),
           cluster_checkpoints)
 
