@@ -215,6 +215,9 @@ def main(argv=None):
   parser.add_argument("--fsdp", type=int, default=0,
                       help="shard over all devices on a (data, fsdp) mesh with this fsdp size "
                            "(0: one device)")
+  parser.add_argument("--thin-product-max-rank", type=int, default=None,
+                      help="lorapro_jax.lora.THIN_PRODUCT_MAX_RANK for this run (0: the adapters' "
+                           "rank-r products as matrix products, as before issue 16's change)")
   args = parser.parse_args(argv)
   # the first warm-up step is the one first_step_s ends with; the median needs a timed step
   if args.warmup < 1:
@@ -222,8 +225,11 @@ def main(argv=None):
   if args.steps < 1:
     parser.error(f"--steps must be >= 1, got {args.steps}")
 
+  from lorapro_jax import lora
   from lorapro_jax.sharding import initialize_distributed, place
   from lorapro_jax.train import TrainState, make_train_step
+  if args.thin_product_max_rank is not None:
+    lora.THIN_PRODUCT_MAX_RANK = args.thin_product_max_rank
   from lorapro_jax.trees import count_params
   _, processes = initialize_distributed()
   if processes > 1 and not args.fsdp:
@@ -306,7 +312,8 @@ def main(argv=None):
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"non-finite loss in {args.mode}: {losses}")
 
-  extra = {"ms_per_step_pipelined": pipelined_ms, "xla_memory_gib": xla_memory_gib}
+  extra = {"ms_per_step_pipelined": pipelined_ms, "xla_memory_gib": xla_memory_gib,
+           "thin_product_max_rank": lora.THIN_PRODUCT_MAX_RANK}
   if args.breakdown:
     from lorapro_jax.train import combine_params
 
