@@ -10,9 +10,7 @@
 #   scaling  issue 15's 1b weak-scaling rows: one GPU, data 2, fsdp 2 (needs 2 GPUs);
 #   scaling_lora  its LoRA rows only, the one-GPU row on each GPU (the 2-GPU step waits for the
 #            slower one), and data 2 / fsdp 2 again as one process per GPU (jax.distributed);
-#   options  the 1b LoRA step under single XLA options, layer loop rolled and unrolled;
-#   thin     the 1b LoRA step with the adapters' rank-r products as thin_product (the default) on
-#            GPU 0 and as matrix products on the other, then dynamic rank and LoRA-Pro full.
+#   options  the 1b LoRA step under single XLA options, layer loop rolled and unrolled.
 # With two GPUs a table's two lanes (ours on GPU 0, the peers on GPU 1) run at the same time, so
 # the ratios come from one call; with one they run one after the other. XLA_OPTIONS (default
 # none) goes to our rows' XLA_FLAGS; SCAN_UNROLL (default 0: unrolled) to jax_step.py.
@@ -133,18 +131,8 @@ unrolled_options() {
   done
 }
 
-thin_lane() { ours lora_thin 200 --scale "${SCALE:-1b}" --mode lora
-  ours dynamic_rank_thin 200 --scale "${SCALE:-1b}" --mode dynamic_rank; }
-dot_lane() {
-  row $PEERS_GPU lora_dot_gpu$PEERS_GPU 200 "$XLA_OPTIONS" jax_step.py --scan-unroll "$SCAN_UNROLL" \
-    --scale "${SCALE:-1b}" --mode lora --thin-product-max-rank 0
-  row $PEERS_GPU lora_pro_full_thin_gpu$PEERS_GPU 200 "$XLA_OPTIONS" jax_step.py \
-    --scan-unroll "$SCAN_UNROLL" --scale "${SCALE:-1b}" --mode lora_pro_full
-}
-
 for section in ${*:-table}; do
   case $section in
-    thin) lanes thin_lane dot_lane ;;
     table) lanes ours_1b peers_1b ;;
     table7b) lanes ours_7b peers_7b ;;
     options) lanes rolled_options unrolled_options ;;
@@ -161,7 +149,7 @@ for section in ${*:-table}; do
         procs_row lora_dp2_procs 200 --scale "${SCALE:-1b}" --mode lora --fsdp 1
         procs_row lora_fsdp2_procs 200 --scale "${SCALE:-1b}" --mode lora --fsdp 2
       fi ;;
-    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options, thin)" >&2; exit 2 ;;
+    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT"/rows/*/results.jsonl > "$OUT/results.jsonl" 2>/dev/null

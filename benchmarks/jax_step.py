@@ -215,9 +215,6 @@ def main(argv=None):
   parser.add_argument("--fsdp", type=int, default=0,
                       help="shard over all devices on a (data, fsdp) mesh with this fsdp size "
                            "(0: one device)")
-  parser.add_argument("--thin-product-max-rank", type=int, default=None,
-                      help="lorapro_jax.lora.THIN_PRODUCT_MAX_RANK for this run (0: the adapters' "
-                           "rank-r products as matrix products, as before issue 16's change)")
   args = parser.parse_args(argv)
   # the first warm-up step is the one first_step_s ends with; the median needs a timed step
   if args.warmup < 1:
@@ -225,11 +222,8 @@ def main(argv=None):
   if args.steps < 1:
     parser.error(f"--steps must be >= 1, got {args.steps}")
 
-  from lorapro_jax import lora
   from lorapro_jax.sharding import initialize_distributed, place
   from lorapro_jax.train import TrainState, make_train_step
-  if args.thin_product_max_rank is not None:
-    lora.THIN_PRODUCT_MAX_RANK = args.thin_product_max_rank
   from lorapro_jax.trees import count_params
   _, processes = initialize_distributed()
   if processes > 1 and not args.fsdp:
@@ -272,8 +266,8 @@ def main(argv=None):
   backend_compile_s = compiles.compile_seconds  # jax's own timing of the XLA compile inside it
   compiles.reset()
   # XLA's own account of one device's memory for the step (arguments + outputs not aliased to
-  # them + scratch): a second opinion on the runtime peak, which memory_stats() gave too low
-  # (1.5-1.9 GiB) for the one-process-per-GPU rows on H200s
+  # them + scratch): a second opinion on the runtime peak, and the only one for one process per
+  # GPU, where memory_stats() gave nonsense on H200s (1.9 GiB for a 15.8 GiB step, even < 0)
   memory = train_step.memory_analysis()
   xla_memory_gib = None if memory is None else (
       memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
@@ -312,8 +306,7 @@ def main(argv=None):
   if not np.all(np.isfinite(losses)):
     raise FloatingPointError(f"non-finite loss in {args.mode}: {losses}")
 
-  extra = {"ms_per_step_pipelined": pipelined_ms, "xla_memory_gib": xla_memory_gib,
-           "thin_product_max_rank": lora.THIN_PRODUCT_MAX_RANK}
+  extra = {"ms_per_step_pipelined": pipelined_ms, "xla_memory_gib": xla_memory_gib}
   if args.breakdown:
     from lorapro_jax.train import combine_params
 

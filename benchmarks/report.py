@@ -42,8 +42,6 @@ def label(row: dict) -> str:
     notes.append(f"torch.compile {compile_mode}{suffix}")
   if row.get("mesh"):
     notes.append(", ".join(f"{axis} {size}" for axis, size in row["mesh"].items()))
-  if row.get("thin_product_max_rank") == 0:  # issue 16's A/B: rank-r products as matmuls
-    notes.append("rank-r matmuls")
   if row.get("processes"):
     notes.append(f"{row['processes']} processes")
   if row.get("xla_flags"):

@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import numbers
@@ -496,60 +495,6 @@ def einsum_layout(equation: str, kernel_shape: Sequence[int], x_ndim: int) -> Ke
 # ---------------------------------------------------------------------------- adapter math
 
 
-# Rank up to which a product with contraction r is written as r multiply-adds (thin_product).
-THIN_PRODUCT_MAX_RANK = 16
-
-
-def thin_product(h: jax.Array, b: jax.Array) -> jax.Array:
-  """``h @ b`` for a short contraction (``h: (*stack, T, r)``, ``b: (*stack, r, n)``), written as
-  ``sum_k h[..., k] ⊗ b[k]``: r multiply-adds of broadcasts, accumulated in at least float32.
-
-  Why: a matrix product is a kernel of its own, so ``(x @ A) @ B`` writes a ``(T, n)`` tensor to
-  memory and the next operation (the add to the base layer's output, the activation, the residual
-  add) reads it back; an elementwise expression is fused into that operation instead, which then
-  reads only the ``(T, r)`` and ``(r, n)`` factors. The extra arithmetic, ``2 r`` flops per output
-  element, is hidden behind the memory traffic for small r (:data:`THIN_PRODUCT_MAX_RANK`). The
-  accumulation is as in a matrix product (float32 for 16-bit inputs, float64 for float64).
-  """
-  accumulate = jnp.promote_types(h.dtype, jnp.float32)
-  h_wide, b_wide = h.astype(accumulate), b.astype(accumulate)
-  y = h_wide[..., :, 0:1] * b_wide[..., 0:1, :]
-  for k in range(1, h.shape[-1]):
-    y = y + h_wide[..., :, k:k + 1] * b_wide[..., k:k + 1, :]
-  return y.astype(jnp.result_type(h, b))
-
-
-def _swap(m: jax.Array) -> jax.Array:
-  return jnp.swapaxes(m, -1, -2)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _adapter_product(x, a, b, c, precision):
-  """``((x @ A) * c) @ B`` on ``x: (*stack, T, n_in)``; both products of contraction r (forward
-  ``h @ B``, backward ``dh @ A^T``) are :func:`thin_product`, the others matrix products."""
-  return _adapter_product_forward(x, a, b, c, precision)[0]
-
-
-def _adapter_product_forward(x, a, b, c, precision):
-  h = jnp.matmul(x, a, precision=precision)
-  hc = h if c is None else h * c[..., None, :]
-  return thin_product(hc, b), (x, a, b, c, h)
-
-
-def _adapter_product_backward(precision, saved, dy):
-  x, a, b, c, h = saved
-  hc = h if c is None else h * c[..., None, :]
-  db = jnp.matmul(_swap(hc), dy, precision=precision)
-  dhc = jnp.matmul(dy, _swap(b), precision=precision)
-  dc = None if c is None else jnp.sum(dhc * h, axis=-2).astype(c.dtype)
-  dh = dhc if c is None else dhc * c[..., None, :]
-  da = jnp.matmul(_swap(x), dh, precision=precision)
-  return thin_product(dh, _swap(a)).astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), dc
-
-
-_adapter_product.defvjp(_adapter_product_forward, _adapter_product_backward)
-
-
 def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array | None,
                     scale: float, layout: KernelLayout, precision: Any = None) -> jax.Array:
   """``s * ((x @ A) * c) @ B`` for a layer of any layout; never forms the ``n_in x n_out`` update.
@@ -557,9 +502,7 @@ def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array | Non
   ``a``: ``(*stack_shape, n_in, r)``, ``b``: ``(*stack_shape, r, n_out)``, ``c``:
   ``(*stack_shape, r)`` or None; the result has the layer's output shape. ``x`` is brought to
   ``(*stack, free, n_in)`` first: two plain (batched) matmuls run faster on XLA:CPU than
-  dot_generals over several free axes (measured: about 30% less time for a 3-D input). For
-  ``r <= THIN_PRODUCT_MAX_RANK`` the two products of contraction r (``h @ B`` forward, its
-  transpose ``dh @ A^T`` backward) are :func:`thin_product`, fused by XLA into their neighbours.
+  dot_generals over several free axes (measured: about 30% less time for a 3-D input).
   """
   free = "".join(ch for ch in layout.x if ch not in layout.stack + layout.inputs)
   order = layout.stack + free + layout.inputs
@@ -567,13 +510,10 @@ def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, c: jax.Array | Non
   sizes = dict(zip(order, x.shape))
   free_shape = tuple(sizes[ch] for ch in free)
   x = x.reshape(layout.stack_shape + (math.prod(free_shape), layout.n_in))
-  if a.shape[-1] <= THIN_PRODUCT_MAX_RANK:
-    y = _adapter_product(x, a, b, c, precision)
-  else:
-    h = jnp.matmul(x, a, precision=precision)
-    if c is not None:
-      h = h * c[..., None, :]
-    y = jnp.matmul(h, b, precision=precision)
+  h = jnp.matmul(x, a, precision=precision)
+  if c is not None:
+    h = h * c[..., None, :]
+  y = jnp.matmul(h, b, precision=precision)
   y = y.reshape(layout.stack_shape + free_shape + layout.out_shape)
   have = layout.stack + free + layout.outputs
   y = jnp.transpose(y, [have.index(ch) for ch in layout.y]) if have != layout.y else y

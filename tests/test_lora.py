@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lorapro_jax.lora import (THIN_PRODUCT_MAX_RANK, LoRAConfig, LoRADense, LoRADenseGeneral,
-                              LoRAEinsum, einsum_layout, low_rank_update, path_matches,
-                              thin_product)
+from lorapro_jax.lora import (LoRAConfig, LoRADense, LoRADenseGeneral, LoRAEinsum, einsum_layout,
+                              path_matches)
 
 RTOL = 1e-5
 
@@ -347,47 +346,3 @@ def test_dropout_off_without_rng_and_hand_formula_with_rng():
   np.testing.assert_allclose(run(params, jax.random.key(7)), expected, rtol=RTOL, atol=1e-5)
   np.testing.assert_array_equal(run(params, jax.random.key(7)), run(params, jax.random.key(7)))
   assert np.abs(run(params, jax.random.key(8)) - run(params, jax.random.key(7))).max() > 1e-3
-
-
-# --------------------------------------------------------------------- thin (rank-r) products
-
-
-@pytest.mark.parametrize("rank", [1, 8, THIN_PRODUCT_MAX_RANK + 1])
-@pytest.mark.parametrize("gated", [False, True])
-def test_adapter_gradients_equal_those_of_plain_matrix_products_in_float64(rank, gated):
-  """low_rank_update's own backward (the rank-r products as thin_product, up to
-  THIN_PRODUCT_MAX_RANK) against autodiff of the hand formula, with a stack axis, in float64."""
-  layout = einsum_layout("lbtd,ldf->lbtf", (3, 6, 5), 4)
-  with jax.enable_x64(True):
-    keys = jax.random.split(jax.random.key(rank), 5)
-    x = jax.random.normal(keys[0], (3, 2, 4, 6), jnp.float64)
-    a = jax.random.normal(keys[1], (3, 6, rank), jnp.float64)
-    b = jax.random.normal(keys[2], (3, rank, 5), jnp.float64)
-    c = jax.random.normal(keys[3], (3, rank), jnp.float64) if gated else None
-    probe = jax.random.normal(keys[4], (3, 2, 4, 5), jnp.float64)
-
-    def ours(x, a, b, c):
-      return jnp.sum(probe * jnp.sin(low_rank_update(x, a, b, c, 0.7, layout)))
-
-    def hand(x, a, b, c):
-      h = jnp.einsum("lbtd,ldr->lbtr", x, a)
-      h = h if c is None else h * c[:, None, None, :]
-      return jnp.sum(probe * jnp.sin(0.7 * jnp.einsum("lbtr,lrf->lbtf", h, b)))
-
-    argnums = (0, 1, 2, 3) if gated else (0, 1, 2)
-    np.testing.assert_allclose(ours(x, a, b, c), hand(x, a, b, c), rtol=1e-12)
-    for mine, theirs in zip(jax.grad(ours, argnums)(x, a, b, c),
-                            jax.grad(hand, argnums)(x, a, b, c), strict=True):
-      np.testing.assert_allclose(mine, theirs, rtol=1e-10, atol=1e-12)
-
-
-def test_thin_product_accumulates_16_bit_inputs_in_float32():
-  """Sixteen bf16 terms summed in float32 and rounded once, as a bf16 matmul accumulates; the
-  result keeps the inputs' dtype."""
-  h = jnp.full((1, 16), 1.0 + 2.0 ** -7, jnp.bfloat16)   # exact in bf16 (8 significant bits)
-  b = jnp.ones((16, 1), jnp.bfloat16)
-  y = thin_product(h, b)
-  assert y.dtype == jnp.bfloat16
-  # 16 * (1 + 2^-7) = 16.125 rounds to 16.125 in bf16; summing in bf16 would stall at 16.0
-  assert float(y[0, 0]) == float(jnp.matmul(h, b, preferred_element_type=jnp.float32)[0, 0])
-  assert float(y[0, 0]) == 16.125
