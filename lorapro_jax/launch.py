@@ -8,9 +8,9 @@ those variables set and waits for all of them. When one fails, it stops the othe
 whose peer died would otherwise wait in a collective until its own timeout) and returns the
 failed process's exit status; Ctrl-C stops them all.
 
-Why one process per GPU: on 2 H200s the 1.1B LoRA step, data parallel, keeps 98.3% of one GPU's
-speed as two processes against 96.3% as one process driving both GPUs, whose single host thread
-launches both GPUs' programs (``benchmarks/README.md``, issue 15). Each process sees every GPU
+Why one process per GPU: on 2 H200s the 1.1B LoRA step, data parallel, keeps 97.5-98.1% of one
+GPU's speed as two processes against 95.8-96.0% as one process driving both GPUs, whose single
+host thread launches both GPUs' programs (two calls, ``benchmarks/README.md``, issue 15). Each process sees every GPU
 (``JAX_LOCAL_DEVICE_IDS`` names its own; ``CUDA_VISIBLE_DEVICES`` would hide the others from it
 and from NCCL's peer-to-peer links).
 
