@@ -36,13 +36,13 @@ if __package__ in (None, ""):  # run as a script: make ``experiments`` importabl
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.configs import ExperimentConfig, all_configs, get_config  # noqa: E402
-from lorapro_jax.data.batching import BatchIterator, eval_batches, host_shard  # noqa: E402
+from lorapro_jax.data.batching import BatchIterator, eval_batches  # noqa: E402
 from lorapro_jax.dynamic_rank import DynamicRankConfig  # noqa: E402
 from lorapro_jax.methods import METHODS, Method  # noqa: E402
 from lorapro_jax.metrics import compute_metrics  # noqa: E402
 from lorapro_jax.schedules import make_schedule  # noqa: E402
 from lorapro_jax.sharding import (batch_sharding, initialize_distributed, make_mesh,  # noqa: E402
-                                  param_shardings, shard_batch, state_shardings)
+                                  mesh_batches, param_shardings, state_shardings)
 from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step,  # noqa: E402
                                make_train_step, write_json)
 from lorapro_jax.trees import count_params  # noqa: E402
@@ -397,9 +397,11 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   hosts = jax.process_count()
   if batch % hosts:
     raise ValueError(f"batch size {batch} does not split over {hosts} hosts")
-  # each host feeds its own rows; shard_batch assembles the global batch from them
-  batches = BatchIterator(host_shard(task.train, jax.process_index(), hosts), batch // hosts,
-                          seed=seed)
+  if hosts > 1 and mesh_shape is None:
+    raise ValueError(f"{hosts} processes train one model: give the mesh they form (--mesh "
+                     "data,fsdp)")
+  # every host iterates the global batches; mesh_batches feeds each its rows of every batch
+  batches = BatchIterator(task.train, batch, seed=seed)
   main_metric = config.metrics[0]
   checkpoints = TrainCheckpointer(os.path.join(run_dir, "checkpoints"), lora, keep=2,
                                   best_metric=main_metric)
@@ -418,7 +420,7 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   try:
     state, results = fit(
         state, base, train_step,
-        batches if mesh_shape is None else (shard_batch(b, mesh) for b in batches),
+        mesh_batches(batches, None if mesh_shape is None else mesh),
         min(stop_after or total_steps, total_steps),
         evaluate_fn=evaluate_fn, eval_every=eval_every, checkpointer=checkpoints,
         data_position=batches.state, schedule=schedule, log_dir=os.path.join(run_dir, "tb"),

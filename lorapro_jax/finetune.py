@@ -54,7 +54,7 @@ import numpy as np
 import optax
 
 from lorapro_jax.checkpoint import TrainCheckpointer
-from lorapro_jax.data.batching import BatchIterator, eval_batches, host_shard
+from lorapro_jax.data.batching import BatchIterator, eval_batches
 from lorapro_jax.data.instruct import encode_causal, extract_answer, load_instruction_json
 from lorapro_jax.dynamic_rank import DynamicRankConfig, rank_pattern, shrink
 from lorapro_jax.methods import METHODS
@@ -64,7 +64,7 @@ from lorapro_jax.models.decoder import REMAT_POLICIES
 from lorapro_jax.peft_format import export_merged, export_peft
 from lorapro_jax.schedules import make_schedule
 from lorapro_jax.sharding import (batch_sharding, initialize_distributed, make_mesh,
-                                  param_shardings, place, shard_batch, state_shardings)
+                                  mesh_batches, param_shardings, place, state_shardings)
 from lorapro_jax.train import (TrainState, cast_floating, evaluate, fit, make_eval_step,
                                make_train_step, write_json)
 from lorapro_jax.trees import combine, count_params
@@ -288,6 +288,9 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
   hosts = jax.process_count()  # each host feeds its own rows of every batch
   if config.batch_size % hosts:
     raise ValueError(f"batch_size {config.batch_size} does not split over {hosts} hosts")
+  if hosts > 1 and config.mesh is None:
+    raise ValueError(f"{hosts} processes train one model: give the mesh they form (--mesh "
+                     "data,fsdp)")
   prompts = eval_rows = None
   if config.eval_file:  # read and checked before the model: a bad eval file fails fast
     eval_rows = load_instruction_json(config.eval_file, max_examples=config.max_eval_examples)
@@ -330,8 +333,7 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
                                accum_steps=config.accum_steps, compute_dtype=compute_dtype,
                                regularizer=method.regularizer(dynamic), **placement)
 
-  batches = BatchIterator(host_shard(train, jax.process_index(), hosts),
-                          config.batch_size // hosts, seed=config.seed)
+  batches = BatchIterator(train, config.batch_size, seed=config.seed)  # global, on every host
   checkpoints = TrainCheckpointer(os.path.join(config.out, "checkpoints"), lora, keep=2,
                                   best_metric="exact_match" if config.eval_file else None)
   resumed_from = checkpoints.latest_step()
@@ -355,7 +357,7 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
     if not evaluated(step) and (step % config.save_every == 0 or step == stop):
       checkpoints.save(current, data_position=batches.state())
 
-  feed = batches if mesh is None else (shard_batch(batch, mesh) for batch in batches)
+  feed = mesh_batches(batches, mesh)  # each host's rows of every global batch
   try:
     state, results = fit(
         state, base, train_step, feed, stop, evaluate_fn=evaluate_fn,

@@ -10,9 +10,9 @@
   (``n_in × r``) is split on ``n_in``; if on an output axis, ``lora_b`` (``r × n_out``) on
   ``n_out``. ``lora_c`` and other small leaves stay replicated.
 * Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize`` when the
-  environment names a coordinator; each host then feeds its own rows
-  (:func:`lorapro_jax.data.batching.host_shard`) and :func:`shard_batch` assembles the global
-  batch with ``jax.make_array_from_process_local_data``.
+  environment names a coordinator; every host iterates the same global batches and feeds its
+  rows of each (:func:`mesh_batches`: :func:`lorapro_jax.data.batching.host_shard`, then
+  :func:`shard_batch` assembles the global batch with ``jax.make_array_from_process_local_data``).
 
 Example (8 devices)::
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lorapro_jax.adapters import DEFAULT_KEYS, AdapterKeys, get_path, map_adapters, rebuild
+from lorapro_jax.data.batching import host_shard
 
 DATA, FSDP = "data", "fsdp"
 # XLA's size limit for combining all-gathers on GPUs under fsdp (see compiler_options)
@@ -194,6 +195,23 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
                        f"{rows} data-parallel devices")
     out[name] = jax.make_array_from_process_local_data(sharding, value)
   return out
+
+
+def mesh_batches(batches: Iterable[Mapping[str, Any]], mesh: Mesh | None
+                 ) -> Iterator[Mapping[str, Any]]:
+  """What a train step on ``mesh`` takes from an iterator of *global* batches (every host
+  iterates the same stream, e.g. one :class:`~lorapro_jax.data.batching.BatchIterator` with the
+  same seed): each host keeps its strided rows of every batch
+  (:func:`~lorapro_jax.data.batching.host_shard`) and :func:`shard_batch` assembles them into
+  the global arrays. A run thus sees the same batches (their rows in another order within each
+  batch) on any number of hosts, and its checkpointed data position is the same on all of them.
+  Without a mesh: the batches unchanged (one host)."""
+  if mesh is None:
+    yield from batches
+    return
+  index, count = jax.process_index(), jax.process_count()
+  for batch in batches:
+    yield shard_batch(host_shard(batch, index, count) if count > 1 else batch, mesh)
 
 
 def initialize_distributed(env: Mapping[str, str] | None = None) -> tuple[int, int]:

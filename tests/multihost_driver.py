@@ -9,7 +9,7 @@ devices), then compares what they write. Every process:
 2. for each run of ``--runs`` (``method:data x fsdp``, e.g. ``lora_pro_full:1x4``), builds a small
    LoRA-injected MLP, places the train state and the frozen base on the global mesh
    (:func:`lorapro_jax.sharding.train_shardings`), and feeds only its own rows of each global batch
-   (:func:`lorapro_jax.data.batching.host_shard` -> :func:`lorapro_jax.sharding.shard_batch`);
+   (:func:`lorapro_jax.sharding.mesh_batches`: ``host_shard`` then ``shard_batch``);
 3. trains ``STEPS`` steps, saving a :class:`lorapro_jax.checkpoint.TrainCheckpointer` checkpoint
    after step ``SAVE_AT`` and after the last step (every process takes part in each save, as Orbax
    requires on many hosts);
@@ -46,12 +46,11 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from lorapro_jax.adapters import dotted  # noqa: E402
 from lorapro_jax.checkpoint import TrainCheckpointer  # noqa: E402
-from lorapro_jax.data.batching import host_shard  # noqa: E402
 from lorapro_jax.inject import init_adapters, inject  # noqa: E402
 from lorapro_jax.lora import LoRAConfig  # noqa: E402
 from lorapro_jax.lora_pro import LoRAProFullState  # noqa: E402
 from lorapro_jax.methods import METHODS  # noqa: E402
-from lorapro_jax.sharding import (initialize_distributed, make_mesh, place, shard_batch,  # noqa: E402
+from lorapro_jax.sharding import (initialize_distributed, make_mesh, mesh_batches, place,  # noqa: E402
                                   train_shardings)
 from lorapro_jax.train import TrainState, make_train_step  # noqa: E402
 from lorapro_jax.trees import named_leaves  # noqa: E402
@@ -120,7 +119,6 @@ def train_run(method_name: str, data: int, fsdp: int, checkpoint_dir: str) -> di
   """Trains, checkpoints, restores and retrains one method on a ``data x fsdp`` global mesh."""
   method = METHODS[method_name]
   mesh = make_mesh(data=data, fsdp=fsdp)
-  process_index, process_count = jax.process_index(), jax.process_count()
   example = global_batch(0)["x"]
   module = MLP()
   params = module.init(jax.random.key(0), example)["params"]
@@ -141,9 +139,9 @@ def train_run(method_name: str, data: int, fsdp: int, checkpoint_dir: str) -> di
   def run_steps(state: TrainState, first: int, last: int, checkpoints=None):
     """Steps ``first..last`` (1-based; step t eats global batch t); saves after SAVE_AT/last."""
     losses = []
-    for step in range(first, last + 1):
-      rows = host_shard(global_batch(step), process_index, process_count)
-      state, metrics = train_step(state, base, shard_batch(rows, mesh))
+    global_batches = (global_batch(step) for step in range(first, last + 1))
+    for step, batch in zip(range(first, last + 1), mesh_batches(global_batches, mesh)):
+      state, metrics = train_step(state, base, batch)
       losses.append(float(metrics["loss"]))
       if checkpoints is not None and step in (SAVE_AT, last):
         checkpoints.save(state, data_position={"next_batch": step + 1})

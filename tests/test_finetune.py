@@ -16,8 +16,8 @@ import pytest
 import torch
 import transformers as T
 from hf_decoders import CASES, left_padded, our_config, torch_logits, torch_model
+from tiny_llm import ROWS, write_tiny_llm
 from safetensors.numpy import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from experiments.configs import get_config
 from experiments.run import llama_finetune_config
@@ -144,39 +144,13 @@ def test_save_pretrained_checks_the_tree(tmp_path):
 
 # -------------------------------------------------------------------------------- finetune
 
-ROWS = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b} #### {a + b}"}
-        for a, b in [(2, 3), (4, 1), (3, 3), (6, 2)]]
 STEPS, STOP = 30, 12
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  """A tiny Llama checkpoint as a user would have it on disk: save_pretrained weights, a WordLevel
-  tokenizer (tokenizer.json + tokenizer_config.json) and the JSONL rows it was trained on."""
-  root = tmp_path_factory.mktemp("llm")
-  data = root / "gsm8k.jsonl"
-  data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-  directory = root / "checkpoint"
-  directory.mkdir()
-  tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-  texts = [PROMPT.format(query=row["question"]) + " " + row["answer"] for row in ROWS]
-  tokenizer.train_from_iterator(texts + [" ".join(map(str, range(11)))], trainers.WordLevelTrainer(
-      special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
-  tokenizer.post_processor = processors.TemplateProcessing(
-      single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
-  tokenizer.save(str(directory / "tokenizer.json"))
-  (directory / "tokenizer_config.json").write_text(json.dumps({
-      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-      "pad_token": "<pad>", "unk_token": "<unk>",
-      "model_input_names": ["input_ids", "attention_mask"]}))
-  # a head of 0.3-scale weights can express confident predictions after a few LoRA steps
-  model = DecoderForCausalLM(DecoderConfig(
-      vocab_size=tokenizer.get_vocab_size(), hidden_size=32, intermediate_size=64, num_layers=2,
-      num_heads=4, num_kv_heads=2, initializer_range=0.3))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  save_pretrained(model, params, directory, dtype=jnp.float32)
-  return {"model": str(directory), "data": str(data)}
+  """A tiny Llama checkpoint as a user would have it on disk, and the JSONL rows it learns."""
+  return write_tiny_llm(str(tmp_path_factory.mktemp("llm")))
 
 
 def experiment_config(checkpoint, out):

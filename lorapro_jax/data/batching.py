@@ -42,7 +42,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
 
   Args:
     arrays: equally long numpy arrays, one row per example.
-    batch_size: rows per batch (global batch: :func:`host_shard` the arrays first on many hosts).
+    batch_size: rows per batch: the global batch (on many hosts, every host iterates the same
+      batches and feeds its rows of each, :func:`lorapro_jax.sharding.mesh_batches`).
     seed: shuffling seed; ``shuffle=False`` keeps the stored order.
     drop_remainder: True (training) drops the last incomplete batch of each epoch so every batch
       has the static shape; False (evaluation) pads it with copies of row 0 and sets ``"mask"``
@@ -133,7 +134,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int,
 
 def host_shard(arrays: Mapping[str, np.ndarray], process_index: int,
                process_count: int) -> dict[str, np.ndarray]:
-  """The rows this host feeds: a strided 1/process_count of every array (multi-host data)."""
+  """The rows this host feeds of a global batch: a strided 1/process_count of every array."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} outside [0, {process_count})")
   return {k: np.asarray(v)[process_index::process_count] for k, v in arrays.items()}

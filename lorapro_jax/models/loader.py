@@ -154,7 +154,8 @@ class _Reader:
     self.files = files
     self.stack = contextlib.ExitStack()
     self.handles: dict[str, Any] = {}
-    self.cpu = jax.devices("cpu")[0]
+    # this process's own CPU: with several processes jax.devices("cpu")[0] is process 0's
+    self.cpu = jax.local_devices(backend="cpu")[0]
 
   def _handle(self, name: str):
     from safetensors import safe_open
