@@ -50,6 +50,7 @@ from lorapro_jax.inject import init_adapters, inject  # noqa: E402
 from lorapro_jax.lora import LoRAConfig  # noqa: E402
 from lorapro_jax.lora_pro import LoRAProFullState  # noqa: E402
 from lorapro_jax.methods import METHODS  # noqa: E402
+from lorapro_jax.models import load_pretrained  # noqa: E402
 from lorapro_jax.sharding import (initialize_distributed, make_mesh, mesh_batches, place,  # noqa: E402
                                   train_shardings)
 from lorapro_jax.train import TrainState, make_train_step  # noqa: E402
@@ -184,6 +185,8 @@ def main(argv=None) -> int:
                       help="checkpoint root shared by all processes (one sub-directory per run)")
   parser.add_argument("--runs", default="lora:2x2,lora_pro_full:1x4",
                       help="comma-separated method:DATAxFSDP")
+  parser.add_argument("--pretrained", default=None,
+                      help="a Hugging Face checkpoint directory to load onto a (1, all) mesh")
   args = parser.parse_args(argv)
   runs = parse_runs(args.runs)
 
@@ -194,6 +197,11 @@ def main(argv=None) -> int:
   for method_name, data, fsdp in runs:
     directory = os.path.join(args.checkpoints, f"{method_name}_{data}x{fsdp}")
     results["runs"].append(train_run(method_name, data, fsdp, directory))
+  if args.pretrained:
+    # every process reads the file and places its own shards (on its own CPU first)
+    _, params = load_pretrained(args.pretrained, mesh=make_mesh(data=1, fsdp=jax.device_count()))
+    results["pretrained_sums"] = {dotted(path): float(jnp.sum(leaf.astype(jnp.float32)))
+                                  for path, leaf in named_leaves(params)}
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"process_{process_index}.json"), "w",
             encoding="utf-8") as handle:

@@ -9,8 +9,9 @@ does). Two runs: ``lora`` on a (data=2, fsdp=2) mesh, whose data axis spans the 
 (gradients are reduced across them), and ``lora_pro_full`` on (data=1, fsdp=4), whose fsdp axis
 spans them (frozen kernels and the full-rank moments are split across processes and gathered
 over gloo; Orbax writes each process's shards). Each process feeds only its own rows of every
-global batch, so a process that fed the wrong rows (or a batch assembled in the wrong place)
-would change the losses.
+global batch (``sharding.mesh_batches``), so a process that fed the wrong rows (or a batch
+assembled in the wrong place) would change the losses. The cluster also loads a Hugging Face
+checkpoint onto its mesh with ``load_pretrained`` (each process reads on its own CPU).
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ import jax
 import numpy as np
 import pytest
 
+from lorapro_jax.adapters import dotted
 from lorapro_jax.launch import launch
+from lorapro_jax.models import DecoderConfig, DecoderForCausalLM, load_pretrained, save_pretrained
+from lorapro_jax.trees import named_leaves
 
 DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_driver.py")
 REPO = os.path.dirname(os.path.dirname(DRIVER))
@@ -47,8 +51,20 @@ def _driver_env(local_devices: int) -> dict[str, str]:
   return env
 
 
-def _driver(out: str, checkpoints: str) -> list[str]:
-  return [sys.executable, DRIVER, "--out", out, "--checkpoints", checkpoints, "--runs", RUNS]
+def _driver(out: str, checkpoints: str, *extra: str) -> list[str]:
+  return [sys.executable, DRIVER, "--out", out, "--checkpoints", checkpoints, "--runs", RUNS,
+          *extra]
+
+
+def _write_pretrained(directory) -> dict[str, float]:
+  """A tiny decoder checkpoint for the cluster to load onto its mesh; the sum of every tensor
+  as one process reads it."""
+  model = DecoderForCausalLM(DecoderConfig.tiny())
+  params = model.init(jax.random.key(5), np.zeros((1, 4), np.int32))["params"]
+  save_pretrained(model, params, directory, dtype=np.float32)
+  _, loaded = load_pretrained(directory)
+  return {dotted(path): float(np.sum(np.asarray(leaf, np.float32)))
+          for path, leaf in named_leaves(loaded)}
 
 
 def _read(out: str, process_index: int) -> dict:
@@ -63,13 +79,15 @@ def _run_all(workdir):
   cluster_out, single_out = str(workdir / "cluster"), str(workdir / "single")
   cluster_checkpoints = str(workdir / "cluster_checkpoints")
   single_log = workdir / "single_process.log"
+  pretrained_sums = _write_pretrained(workdir / "pretrained")
   with open(single_log, "wb") as log:
     # The reference runs meanwhile: the cluster's processes often wait for each other.
     single = subprocess.Popen(_driver(single_out, str(workdir / "single_checkpoints")),
                               env=_driver_env(PROCESSES * DEVICES_PER_PROCESS), stdout=log,
                               stderr=subprocess.STDOUT, cwd=REPO)
     try:
-      status = launch(_driver(cluster_out, cluster_checkpoints), PROCESSES, devices_per_process=0,
+      status = launch(_driver(cluster_out, cluster_checkpoints, "--pretrained",
+                              str(workdir / "pretrained")), PROCESSES, devices_per_process=0,
                       env=_driver_env(DEVICES_PER_PROCESS), log_dir=workdir, timeout_s=TIMEOUT_S)
       single_status = single.wait(timeout=TIMEOUT_S)
     finally:
@@ -82,11 +100,11 @@ def _run_all(workdir):
                 + "\n".join(f"----- {path.name} -----\n" + path.read_text(errors="replace")[-6000:]
                             for path in logs), pytrace=False)
   return ([_read(cluster_out, index) for index in range(PROCESSES)], _read(single_out, 0),
-          cluster_checkpoints)
+          cluster_checkpoints, pretrained_sums)
 
 
 def _check_the_processes_form_one_cluster_with_a_global_mesh(results):
-  cluster, single, _ = results
+  cluster, single, _, _ = results
   for index, process in enumerate(cluster):
     assert (process["process_index"], process["process_count"]) == (index, PROCESSES)
     assert process["device_count"] == PROCESSES * DEVICES_PER_PROCESS
@@ -98,7 +116,7 @@ def _check_the_processes_form_one_cluster_with_a_global_mesh(results):
 
 
 def _check_both_processes_see_the_same_training(results):
-  cluster, _, _ = results
+  cluster, _, _, _ = results
   first, second = cluster
   for run_0, run_1 in zip(first["runs"], second["runs"], strict=True):
     # the loss is a replicated output and the adapters are gathered: identical on every process
@@ -107,7 +125,7 @@ def _check_both_processes_see_the_same_training(results):
 
 
 def _check_two_processes_match_one_process(results):
-  cluster, single, _ = results
+  cluster, single, _, _ = results
   assert [run["method"] for run in cluster[0]["runs"]] == ["lora", "lora_pro_full"]
   for multi, alone in zip(cluster[0]["runs"], single["runs"], strict=True):
     method = multi["method"]
@@ -129,7 +147,7 @@ def _check_two_processes_match_one_process(results):
 
 
 def _check_checkpoint_restored_on_every_process_resumes_exactly(results):
-  cluster, _, checkpoints = results
+  cluster, _, checkpoints, _ = results
   for process in cluster:
     for run in process["runs"]:
       # the driver restored step 3 into a fresh state on each process and retrained steps 4-5;
@@ -142,13 +160,22 @@ def _check_checkpoint_restored_on_every_process_resumes_exactly(results):
 
 
 def _check_full_rank_moments_are_split_across_the_processes(results):
-  cluster, _, _ = results
+  cluster, _, _, _ = results
   for process in cluster:
     lora, lora_pro_full = process["runs"]
     assert lora["full_rank_moment_fractions"] == []  # AdamW on the factors: no full-rank moment
     # mu and nu of the three kernels: a quarter on each device of the 4-wide fsdp axis, which
     # spans both processes, so each process holds half of every moment and writes it to Orbax
     assert lora_pro_full["full_rank_moment_fractions"] == [0.25] * 6
+
+
+def _check_each_process_loads_a_pretrained_checkpoint_onto_the_global_mesh(results):
+  cluster, _, _, expected = results
+  for process in cluster:
+    # each process read the file on its own CPU and placed its shards of the (1, 4) mesh
+    assert process["pretrained_sums"].keys() == expected.keys()
+    for name, total in expected.items():
+      assert process["pretrained_sums"][name] == pytest.approx(total, rel=1e-5, abs=1e-6), name
 
 
 def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
@@ -161,3 +188,4 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
   _check_two_processes_match_one_process(results)
   _check_checkpoint_restored_on_every_process_resumes_exactly(results)
   _check_full_rank_moments_are_split_across_the_processes(results)
+  _check_each_process_loads_a_pretrained_checkpoint_onto_the_global_mesh(results)
