@@ -10,9 +10,9 @@ failed process's exit status; Ctrl-C stops them all.
 
 Why one process per GPU: on 2 H200s the 1.1B LoRA step, data parallel, keeps 97.5-98.1% of one
 GPU's speed as two processes against 95.8-96.0% as one process driving both GPUs, whose single
-host thread launches both GPUs' programs (two calls, ``benchmarks/README.md``, issue 15). Each process sees every GPU
-(``JAX_LOCAL_DEVICE_IDS`` names its own; ``CUDA_VISIBLE_DEVICES`` would hide the others from it
-and from NCCL's peer-to-peer links).
+host thread launches both GPUs' programs (two calls, ``benchmarks/README.md``, issue 15). Each
+process sees every GPU (``JAX_LOCAL_DEVICE_IDS`` names its own; ``CUDA_VISIBLE_DEVICES`` would
+hide the others from it and from NCCL's peer-to-peer links).
 
 Command line (everything after ``--`` is the command each process runs)::
 
@@ -88,12 +88,13 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int = 1,
            port: int | None = None, env: Mapping[str, str] | None = None,
            log_dir: str | os.PathLike | None = None, timeout_s: float | None = None) -> int:
   """Runs ``command`` as ``processes`` processes of one JAX job on this host; returns 0 when all
-  succeed, else the exit status of the first that failed (the others are stopped).
+  succeed, else the exit status of the first that failed (the others are stopped; a process
+  killed by signal ``n`` counts as ``128 + n``, as in a shell).
 
   ``devices_per_process``: GPUs each process drives (``0``: leave it to JAX, e.g. on CPUs);
   ``port``: the coordinator's port (default: a free one); ``env``: every process's environment
   (default ``os.environ``; ``launch`` sets the cluster's variables in it); ``log_dir``: each
-  process's output goes to ``<log_dir>/process_<i>.log`` (default: this terminal);
+  process's output is appended to ``<log_dir>/process_<i>.log`` (default: this terminal);
   ``timeout_s``: stop them all after this long and return 124, as ``timeout`` does.
   """
   command = list(command)
@@ -113,7 +114,7 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int = 1,
     for process_id in range(processes):
       output = None
       if log_dir is not None:
-        output = open(os.path.join(log_dir, f"process_{process_id}.log"), "wb")
+        output = open(os.path.join(log_dir, f"process_{process_id}.log"), "ab")
         logs.append(output)
       running.append(subprocess.Popen(
           command, stdout=output, stderr=subprocess.STDOUT if output else None,
@@ -123,7 +124,7 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int = 1,
       codes = [process.poll() for process in running]
       failed = [code for code in codes if code not in (None, 0)]
       if failed:
-        return failed[0]
+        return failed[0] if failed[0] > 0 else 128 - failed[0]
       if all(code == 0 for code in codes):
         return 0
       if deadline is not None and time.monotonic() > deadline:
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="GPUs each process drives (default 1; 0: let JAX choose, e.g. CPUs)")
   parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
   parser.add_argument("--log-dir", default=None,
-                      help="write each process's output to LOG_DIR/process_<i>.log")
+                      help="append each process's output to LOG_DIR/process_<i>.log")
   parser.add_argument("--timeout", type=float, default=None, help="seconds before all are stopped")
   parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
   args = parser.parse_args(argv)

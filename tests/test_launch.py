@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -26,6 +27,8 @@ if behaviour == "sleep":
   open(os.path.join(sys.argv[1], f"woke_{i}"), "w").close()
 elif behaviour.startswith("exit"):
   sys.exit(int(behaviour[4:]))
+elif behaviour == "abort":
+  os.abort()
 """
 
 
@@ -54,6 +57,19 @@ def test_a_failed_process_stops_the_others_and_gives_its_status(tmp_path):
   assert status == 3
   assert time.monotonic() - start < 60  # not the sleeper's 120 s
   assert not (tmp_path / "woke_0").exists()
+
+
+def test_a_process_killed_by_a_signal_gives_128_plus_the_signal(tmp_path):
+  status = launch([sys.executable, "-c", CHILD, str(tmp_path)], processes=2,
+                  env=_env(BEHAVIOUR_0="sleep", BEHAVIOUR_1="abort"), log_dir=tmp_path)
+  assert status == 128 + signal.SIGABRT
+
+
+def test_logs_are_appended_not_overwritten(tmp_path):
+  (tmp_path / "process_0.log").write_text("an earlier run\n")
+  assert launch([sys.executable, "-c", "print('this run')"], processes=1, env=_env(),
+                log_dir=tmp_path) == 0
+  assert (tmp_path / "process_0.log").read_text() == "an earlier run\nthis run\n"
 
 
 def test_a_timeout_stops_every_process_and_returns_124(tmp_path):
