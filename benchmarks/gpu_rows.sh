@@ -10,7 +10,10 @@
 #   scaling  issue 15's 1b weak-scaling rows: one GPU, data 2, fsdp 2 (needs 2 GPUs);
 #   scaling_lora  its LoRA rows only, the one-GPU row on each GPU (the 2-GPU step waits for the
 #            slower one), and data 2 / fsdp 2 again as one process per GPU (jax.distributed);
-#   options  the 1b LoRA step under single XLA options, layer loop rolled and unrolled.
+#   options  the 1b LoRA step under single XLA options, layer loop rolled and unrolled;
+#   floor    the LoRA step against the same step without adapters (jax_step.py's norms_only) at
+#            1b and base, and a per-op profile of both at 1b: what the adapters cost, and what
+#            the rest of the step costs with XLA's kernels.
 # With two GPUs a table's two lanes (ours on GPU 0, the peers on GPU 1) run at the same time, so
 # the ratios come from one call; with one they run one after the other. XLA_OPTIONS (default
 # none) goes to our rows' XLA_FLAGS; SCAN_UNROLL (default 0: unrolled) to jax_step.py.
@@ -149,7 +152,15 @@ for section in ${*:-table}; do
         procs_row lora_dp2_procs 200 --scale "${SCALE:-1b}" --mode lora --fsdp 1
         procs_row lora_fsdp2_procs 200 --scale "${SCALE:-1b}" --mode lora --fsdp 2
       fi ;;
-    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options)" >&2; exit 2 ;;
+    floor)
+      for scale in ${SCALE:-1b base}; do
+        for mode in lora norms_only; do ours "floor_${scale}_$mode" 200 --scale "$scale" --mode $mode; done
+      done
+      for mode in lora norms_only; do
+        row 0 "profile_${SCALE:-1b}_$mode" 200 "$XLA_OPTIONS" profile_step.py --scale "${SCALE:-1b}" \
+          --mode $mode --top 60
+      done ;;
+    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options, floor)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT"/rows/*/results.jsonl > "$OUT/results.jsonl" 2>/dev/null

@@ -16,7 +16,11 @@ without clipping) or a control:
   AdamW / LoRA-Pro followed by :func:`lorapro_jax.dynamic_rank.dynamic_rank` toward r = 8 and
   the DEM penalty (measured inside the pruning phase);
 * controls ``lora_r12`` / ``lora_r12_gated``: plain AdamW on the rank-12 adapters (without / with
-  gates) that dynamic rank starts from, to separate the transform's cost from the larger rank's.
+  gates) that dynamic rank starts from, to separate the transform's cost from the larger rank's;
+* control ``norms_only``: the LoRA step without its adapters. The same frozen bf16 base and the
+  same backward pass through every layer (every activation gradient, ``4 N`` FLOPs), but only the
+  RMSNorm scales train (AdamW, float32). ``lora`` minus this row is what the adapters cost; this
+  row is what the model's forward and activation backward cost with XLA's kernels.
 
 Usage: python benchmarks/jax_step.py --scale 1b --mode lora [--steps 10] [--out DIR] [--breakdown]
        [--fsdp N]
@@ -80,7 +84,9 @@ from lorapro_jax.models.decoder import DecoderConfig, DecoderForCausalLM  # noqa
 
 # control -> gated: method "lora" on the adapters that dynamic rank starts from
 CONTROLS = {"lora_r12": False, "lora_r12_gated": True}
-MODES = tuple(METHODS) + tuple(CONTROLS)
+NORMS_ONLY = "norms_only"
+NORMS = ("input_layernorm", "post_attention_layernorm", "model.norm")  # every RMSNorm's scale
+MODES = tuple(METHODS) + tuple(CONTROLS) + (NORMS_ONLY,)
 LEARNING_RATE = 1e-4
 # Dynamic-rank schedule: T steps, pruning between 0.15 T and 0.5 T; the benchmark starts its timed
 # steps inside the pruning phase so that scores, masks and events are all live (both timings of
@@ -136,7 +142,7 @@ class Setup(NamedTuple):
   optimizer: optax.GradientTransformation
   regularizer: Any  # the train step's regularizer (dynamic rank's DEM) or None
   config: DecoderConfig
-  rank: int | None  # adapter rank (None: full fine-tuning)
+  rank: int | None  # adapter rank (None: full fine-tuning, norms_only)
 
 
 def next_token_loss(model):
@@ -167,16 +173,25 @@ def build(scale: str, mode: str, remat: str, base_dtype, scan_unroll: int = 0) -
   batch, seq_len = common.SCALES[scale]["batch"], common.SCALES[scale]["seq_len"]
   example = jnp.zeros((batch, seq_len), jnp.int32)
   key = jax.random.key(0)
-  method = METHODS["lora" if mode in CONTROLS else mode]
+  method = METHODS["lora" if mode in CONTROLS or mode == NORMS_ONLY else mode]
+  from lorapro_jax.inject import inject
+  from lorapro_jax.trees import split
+  if mode == NORMS_ONLY:
+    @jax.jit
+    def init_norms_only(key):
+      params = model.init(key, example)["params"]
+      base, trainable = split(params, LoRAConfig(modules_to_save=NORMS))
+      return jax.tree.map(lambda x: x.astype(base_dtype), base), trainable
+
+    base, trainable = init_norms_only(key)
+    optimizer = METHODS["full"].optimizer(LEARNING_RATE, clip_norm=None)
+    return Setup(method, model, base, trainable, optimizer, None, config, None)
   if not method.adapters:
     params = jax.jit(model.init)(key, example)["params"]
     return Setup(method, model, None, params, method.optimizer(LEARNING_RATE, clip_norm=None),
                  None, config, None)
 
   dynamic = DYNAMIC if method.prunes else None
-
-  from lorapro_jax.inject import inject
-  from lorapro_jax.trees import split
   lora = LoRAConfig(rank=common.LORA_RANK, alpha=common.LORA_ALPHA, targets=common.TARGETS)
   if mode in CONTROLS:
     lora = dataclasses.replace(DYNAMIC.lora_config(lora), gated=CONTROLS[mode])

@@ -21,7 +21,7 @@ import sys
 # labelled variants (scanned, torch.compile) follow its plain row.
 ORDER = [("jax", m) for m in ("full", "lora", "rslora", "lora_pro", "lora_pro_full",
                               "dynamic_rank", "lora_pro_dynamic_rank", "lora_r12",
-                              "lora_r12_gated")] + [
+                              "lora_r12_gated", "norms_only")] + [
     ("torch", m) for m in ("full", "lora", "lora_pro", "lora_pro_full")]
 
 
