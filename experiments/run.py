@@ -41,8 +41,9 @@ from lorapro_jax.dynamic_rank import DynamicRankConfig  # noqa: E402
 from lorapro_jax.methods import METHODS, Method  # noqa: E402
 from lorapro_jax.metrics import compute_metrics  # noqa: E402
 from lorapro_jax.schedules import make_schedule  # noqa: E402
-from lorapro_jax.sharding import (batch_sharding, initialize_distributed, make_mesh,  # noqa: E402
-                                  mesh_batches, param_shardings, state_shardings)
+from lorapro_jax.sharding import (batch_sharding, check_hosts_can_feed,  # noqa: E402
+                                  initialize_distributed, make_mesh, mesh_batches,
+                                  param_shardings, state_shardings)
 from lorapro_jax.train import (TrainState, evaluate, fit, make_eval_step,  # noqa: E402
                                make_train_step, write_json)
 from lorapro_jax.trees import count_params  # noqa: E402
@@ -384,7 +385,7 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   regularizer = chosen.regularizer(dynamic)
   compute_dtype = None if config.compute_dtype == "float32" else jnp.dtype(config.compute_dtype)
   state = TrainState.create(trainable, optimizer, jax.random.key(seed))
-  placement = {}
+  placement, mesh = {}, None
   if mesh_shape is not None:
     mesh = make_mesh(*mesh_shape)
     shardings, base_shardings = state_shardings(state, base, mesh), param_shardings(base, mesh)
@@ -394,12 +395,7 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   train_step = make_train_step(model.loss_fn, optimizer, compute_dtype=compute_dtype,
                                regularizer=regularizer, **placement)
   eval_step = make_eval_step(model.predict_fn, compute_dtype=compute_dtype)
-  hosts = jax.process_count()
-  if batch % hosts:
-    raise ValueError(f"batch size {batch} does not split over {hosts} hosts")
-  if hosts > 1 and mesh_shape is None:
-    raise ValueError(f"{hosts} processes train one model: give the mesh they form (--mesh "
-                     "data,fsdp)")
+  check_hosts_can_feed(batch, has_mesh=mesh is not None)
   # every host iterates the global batches; mesh_batches feeds each its rows of every batch
   batches = BatchIterator(task.train, batch, seed=seed)
   main_metric = config.metrics[0]
@@ -420,7 +416,7 @@ def run_experiment(config: ExperimentConfig | str, method: str, seed: int = 0, *
   try:
     state, results = fit(
         state, base, train_step,
-        mesh_batches(batches, None if mesh_shape is None else mesh),
+        mesh_batches(batches, mesh),
         min(stop_after or total_steps, total_steps),
         evaluate_fn=evaluate_fn, eval_every=eval_every, checkpointer=checkpoints,
         data_position=batches.state, schedule=schedule, log_dir=os.path.join(run_dir, "tb"),

@@ -63,8 +63,9 @@ from lorapro_jax.models import generate, load_pretrained, preset, save_pretraine
 from lorapro_jax.models.decoder import REMAT_POLICIES
 from lorapro_jax.peft_format import export_merged, export_peft
 from lorapro_jax.schedules import make_schedule
-from lorapro_jax.sharding import (batch_sharding, initialize_distributed, make_mesh,
-                                  mesh_batches, param_shardings, place, state_shardings)
+from lorapro_jax.sharding import (batch_sharding, check_hosts_can_feed, initialize_distributed,
+                                  make_mesh, mesh_batches, param_shardings, place,
+                                  state_shardings)
 from lorapro_jax.train import (TrainState, cast_floating, evaluate, fit, make_eval_step,
                                make_train_step, write_json)
 from lorapro_jax.trees import combine, count_params
@@ -285,12 +286,7 @@ def finetune(config: FinetuneConfig, *, stop_after: int | None = None,
   if examples < config.batch_size:
     raise ValueError(f"{config.train_file} gives {examples} rows, fewer than one batch of "
                      f"{config.batch_size}")
-  hosts = jax.process_count()  # each host feeds its own rows of every batch
-  if config.batch_size % hosts:
-    raise ValueError(f"batch_size {config.batch_size} does not split over {hosts} hosts")
-  if hosts > 1 and config.mesh is None:
-    raise ValueError(f"{hosts} processes train one model: give the mesh they form (--mesh "
-                     "data,fsdp)")
+  check_hosts_can_feed(config.batch_size, has_mesh=config.mesh is not None)
   prompts = eval_rows = None
   if config.eval_file:  # read and checked before the model: a bad eval file fails fast
     eval_rows = load_instruction_json(config.eval_file, max_examples=config.max_eval_examples)

@@ -197,6 +197,21 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   return out
 
 
+def check_hosts_can_feed(batch_size: int, has_mesh: bool) -> None:
+  """Raises a clear error unless every process (host) of this job can feed its rows of each
+  batch through :func:`mesh_batches`: ``batch_size`` must split evenly over the processes, and
+  several processes train one model only on the mesh they form together.
+
+  >>> check_hosts_can_feed(32, has_mesh=False)  # one process: anything goes
+  """
+  hosts = jax.process_count()
+  if batch_size % hosts:
+    raise ValueError(f"batch size {batch_size} does not split over {hosts} processes (hosts)")
+  if hosts > 1 and not has_mesh:
+    raise ValueError(f"{hosts} processes train one model: give the mesh they form (--mesh "
+                     "data,fsdp)")
+
+
 def mesh_batches(batches: Iterable[Mapping[str, Any]], mesh: Mesh | None
                  ) -> Iterator[Mapping[str, Any]]:
   """What a train step on ``mesh`` takes from an iterator of *global* batches (every host

@@ -55,6 +55,34 @@ def test_jax_step_reports_compile_and_first_step_and_never_recompiles(tmp_path):
   assert len(result["losses"]) == 2  # the warm-up step and the last timed step
 
 
+def test_norms_only_control_is_the_lora_step_without_adapters():
+  """The floor row: the LoRA step's frozen bf16 base and its backward through every layer, with
+  only the RMSNorm scales trained (no adapter leaf anywhere)."""
+  from lorapro_jax.train import combine_params
+  from lorapro_jax.trees import named_leaves
+  setup = jax_step.build("tiny", "norms_only", "none", jnp.bfloat16)
+  trainable = dict(named_leaves(setup.trainable))
+  assert sorted(trainable) == [("model", "layers", "input_layernorm", "weight"),
+                               ("model", "layers", "post_attention_layernorm", "weight"),
+                               ("model", "norm", "weight")]
+  assert all(leaf.dtype == jnp.float32 for leaf in trainable.values())
+  # the same frozen base as the LoRA row: every kernel and the embedding, in bf16
+  base = dict(named_leaves(setup.base))
+  kernels = {("model", "layers", block, name, "kernel") for block, names in
+             (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+              ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names}
+  assert set(base) == kernels | {("model", "embed_tokens", "embedding"), ("lm_head", "kernel")}
+  assert all(leaf.dtype == jnp.bfloat16 for leaf in base.values())
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, setup.config.vocab_size)
+  batch = {"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}
+  loss_fn = jax_step.next_token_loss(setup.model)
+  grads = jax.grad(lambda t: loss_fn(combine_params(setup.base, t), batch, None)[0])(
+      setup.trainable)
+  # the backward reaches the first layer: its norm scale gets a gradient
+  first_layer = grads["model"]["layers"]["input_layernorm"]["weight"][0]
+  assert float(jnp.abs(first_layer).max()) > 0
+
+
 @pytest.mark.parametrize("argv", [["--steps", "0"], ["--warmup", "0"]])
 def test_jax_step_refuses_no_steps(argv, capsys):
   with pytest.raises(SystemExit):

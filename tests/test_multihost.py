@@ -171,11 +171,16 @@ def _check_full_rank_moments_are_split_across_the_processes(results):
 
 def _check_each_process_loads_a_pretrained_checkpoint_onto_the_global_mesh(results):
   cluster, _, _, expected = results
-  for process in cluster:
-    # each process read the file on its own CPU and placed its shards of the (1, 4) mesh
-    assert process["pretrained_sums"].keys() == expected.keys()
-    for name, total in expected.items():
-      assert process["pretrained_sums"][name] == pytest.approx(total, rel=1e-5, abs=1e-6), name
+  # each process read the file on its own CPU and placed its shards of the (1, 4) mesh: together
+  # the distinct shards of every tensor add up to the file's tensor, and a shard that several
+  # devices hold (a replicated tensor) holds the same values on each
+  for name, total in expected.items():
+    shard_sums = {}
+    for process in cluster:
+      assert process["pretrained_shards"].keys() == expected.keys()
+      for index, shard_sum in process["pretrained_shards"][name]:
+        assert shard_sums.setdefault(index, shard_sum) == shard_sum, (name, index)
+    assert sum(shard_sums.values()) == pytest.approx(total, rel=1e-5, abs=1e-6), name
 
 
 def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):

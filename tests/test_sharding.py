@@ -13,7 +13,7 @@ from lorapro_jax.inject import init_adapters, inject
 from lorapro_jax.lora import LoRAConfig
 from lorapro_jax.lora_pro import LoRAProFullState
 from lorapro_jax.sharding import (ALL_GATHER_COMBINE_BYTES, DATA, FSDP, batch_sharding,
-                                  compiler_options, fsdp_spec, initialize_distributed, make_mesh,
+                                  check_hosts_can_feed, compiler_options, fsdp_spec, initialize_distributed, make_mesh,
                                   param_shardings, shard_batch, state_shardings, train_shardings)
 from lorapro_jax.methods import METHODS
 from lorapro_jax.train import TrainState, make_train_step
@@ -159,6 +159,16 @@ def test_batches_split_over_all_devices_and_bad_sizes_are_named():
   assert batch["x"].addressable_shards[0].data.shape == (2, 3)
   with pytest.raises(ValueError, match="12 global rows"):
     shard_batch({"x": np.zeros((12, 3))}, mesh)
+
+
+def test_several_hosts_need_a_mesh_and_a_batch_they_can_split(monkeypatch):
+  check_hosts_can_feed(6, has_mesh=False)  # one process
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  check_hosts_can_feed(8, has_mesh=True)
+  with pytest.raises(ValueError, match="batch size 6 does not split over 4 processes"):
+    check_hosts_can_feed(6, has_mesh=True)
+  with pytest.raises(ValueError, match="4 processes train one model: give the mesh"):
+    check_hosts_can_feed(8, has_mesh=False)
 
 
 def test_single_host_without_environment():
