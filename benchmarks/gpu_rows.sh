@@ -11,6 +11,8 @@
 #   scaling_lora  its LoRA rows only, the one-GPU row on each GPU (the 2-GPU step waits for the
 #            slower one), and data 2 / fsdp 2 again as one process per GPU (jax.distributed);
 #   options  the 1b LoRA step under single XLA options, layer loop rolled and unrolled;
+#   max_autotune  our 1b LoRA row, then PEFT LoRA under torch.compile's max-autotune-no-cudagraphs
+#            (its GEMM autotuning takes most of the call);
 #   floor    the LoRA step against the same step without adapters (jax_step.py's norms_only) at
 #            1b and base, and a per-op profile of both at 1b: what the adapters cost, and what
 #            the rest of the step costs with XLA's kernels.
@@ -152,6 +154,10 @@ for section in ${*:-table}; do
         procs_row lora_dp2_procs 200 --scale "${SCALE:-1b}" --mode lora --fsdp 1
         procs_row lora_fsdp2_procs 200 --scale "${SCALE:-1b}" --mode lora --fsdp 2
       fi ;;
+    max_autotune)
+      ours lora 200 --scale "${SCALE:-1b}" --mode lora
+      row $PEERS_GPU peft_max_autotune 450 "" torch_peers.py --scale "${SCALE:-1b}" --mode lora \
+        --compile max-autotune-no-cudagraphs ;;
     floor)
       for scale in ${SCALE:-1b base}; do
         for mode in lora norms_only; do ours "floor_${scale}_$mode" 200 --scale "$scale" --mode $mode; done
@@ -160,7 +166,7 @@ for section in ${*:-table}; do
         row 0 "profile_${SCALE:-1b}_$mode" 200 "$XLA_OPTIONS" profile_step.py --scale "${SCALE:-1b}" \
           --mode $mode --top 60
       done ;;
-    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options, floor)" >&2; exit 2 ;;
+    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options, max_autotune, floor)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT"/rows/*/results.jsonl > "$OUT/results.jsonl" 2>/dev/null
