@@ -206,6 +206,43 @@ def test_creating_parameters_keeps_the_layer_loop_rolled(llama):
   assert _scan_unrolls(unrolled.apply, created, tokens) == [config.num_layers]
 
 
+def _barriers(fn, *args) -> int:
+  """How many optimization barriers ``fn``'s jaxpr holds, the layer loop's body included."""
+  return str(jax.make_jaxpr(fn)(*args)).count("optimization_barrier")
+
+
+def test_layer_weight_copies_change_nothing_and_are_made_only_where_they_help(llama):
+  """``copy_layer_weights`` reads each layer's weights through an optimization barrier (one XLA
+  kernel per GEMM for all layers instead of one per layer): values and gradients unchanged; only
+  in the unrolled training / scoring forward, not when creating parameters, not in the rolled
+  loop, not with a KV cache, not when a mesh splits the weights over fsdp."""
+  from lorapro_jax.sharding import make_mesh
+  config, params = llama
+  tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, config.vocab_size)
+  copied = DecoderForCausalLM(dataclasses.replace(config, copy_layer_weights=True))
+  in_place = DecoderForCausalLM(dataclasses.replace(config, copy_layer_weights=False))
+
+  def loss(p, model):
+    return jnp.mean(model.apply({"params": p}, tokens) ** 2)
+
+  for a, b in zip(jax.tree.leaves(jax.grad(loss)(params, copied)),
+                  jax.tree.leaves(jax.grad(loss)(params, in_place))):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  apply = functools.partial(copied.apply, {"params": params})
+  assert _barriers(apply, tokens) == 1  # the layer loop's body, unrolled by XLA
+  assert _barriers(jax.grad(lambda p: loss(p, copied)), params) >= 1
+  assert _barriers(functools.partial(in_place.apply, {"params": params}), tokens) == 0
+  rolled = DecoderForCausalLM(dataclasses.replace(config, scan_unroll=1))
+  assert _barriers(functools.partial(rolled.apply, {"params": params}), tokens) == 0
+  assert _barriers(copied.init, jax.random.key(0), tokens) == 0
+  cache = init_cache(copied.config, 2, 8)
+  assert _barriers(lambda ids: apply(ids, cache=cache), tokens) == 0
+  with jax.set_mesh(make_mesh(data=4, fsdp=2)):
+    assert _barriers(apply, tokens) == 0
+  with jax.set_mesh(make_mesh(data=8, fsdp=1)):  # data parallel: weights whole on every device
+    assert _barriers(apply, tokens) == 1
+
+
 def test_bf16_compute_stays_close_to_float32(llama):
   config, params = llama
   tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, config.vocab_size)
@@ -234,6 +271,8 @@ def test_bad_config_is_rejected():
     DecoderConfig.tiny(remat="sometimes")
   with pytest.raises(ValueError, match="scan_unroll"):
     DecoderConfig.tiny(scan_unroll=3)
+  with pytest.raises(ValueError, match="copy_layer_weights must be True or False, got 'yes'"):
+    DecoderConfig.tiny(copy_layer_weights="yes")
   with pytest.raises(ValueError, match="num_kv_heads"):
     DecoderConfig.tiny(num_heads=4, num_kv_heads=3)
   with pytest.raises(ValueError, match=r"biases \['lm_head'\]"):

@@ -116,7 +116,7 @@ def test_hf_config_round_trip(name):
   """to_hf_config inverts DecoderConfig.from_hf on every family's switches."""
   config = our_config(torch_model(name))
   runtime = {f: getattr(config, f) for f in ("dtype", "param_dtype", "remat", "attention",
-                                             "scan_unroll")}
+                                             "scan_unroll", "copy_layer_weights")}
   assert DecoderConfig.from_hf(to_hf_config(config), **runtime) == config
 
 
@@ -279,3 +279,25 @@ def test_mesh_run_matches_one_device(straight, tmp_path):
   np.testing.assert_allclose([h["loss"] for h in runs[(2, 4)]["history"]],
                              [h["loss"] for h in runs[None]["history"]], rtol=1e-6)
   assert runs[(2, 4)]["final"] == runs[None]["final"]
+
+
+def test_runtime_flags_reach_the_model(checkpoint, tmp_path, monkeypatch):
+  """--scan-layers and --no-layer-weight-copies become the loaded model's DecoderConfig fields."""
+  import lorapro_jax.finetune as finetune_module
+  seen = {}
+
+  class Loaded(Exception):
+    pass
+
+  def load_and_stop(path, **kwargs):
+    seen.update(kwargs["overrides"])
+    raise Loaded
+
+  monkeypatch.setattr(finetune_module, "load_pretrained", load_and_stop)
+  required = ["--model", checkpoint["model"], "--train", checkpoint["data"], "--batch-size", "2",
+              "--no-progress"]
+  for flags, unroll, copies in (([], None, True), (["--scan-layers"], 1, True),
+                                (["--no-layer-weight-copies"], None, False)):
+    with pytest.raises(Loaded):
+      main(required + ["--out", str(tmp_path / "_".join(flags or ["default"]))] + flags)
+    assert (seen["scan_unroll"], seen["copy_layer_weights"]) == (unroll, copies), flags

@@ -93,7 +93,8 @@ _HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gel
 _DTYPE_NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16",
                 jnp.dtype(jnp.float16): "float16"}
 # DecoderConfig fields that say how to run the model, not what the checkpoint holds
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "scan_unroll")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "scan_unroll",
+                   "copy_layer_weights")
 
 
 def hf_tensor_name(path: tuple[str, ...], layer: int | None = None,
