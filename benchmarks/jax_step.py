@@ -176,14 +176,17 @@ def build(scale: str, mode: str, remat: str, base_dtype, scan_unroll: int = 0) -
   method = METHODS["lora" if mode in CONTROLS or mode == NORMS_ONLY else mode]
   from lorapro_jax.inject import inject
   from lorapro_jax.trees import split
-  if mode == NORMS_ONLY:
-    @jax.jit
-    def init_norms_only(key):
-      params = model.init(key, example)["params"]
-      base, trainable = split(params, LoRAConfig(modules_to_save=NORMS))
-      return jax.tree.map(lambda x: x.astype(base_dtype), base), trainable
 
-    base, trainable = init_norms_only(key)
+  def init_split(model, lora):
+    """(frozen base in base_dtype, trainable): ``model``'s parameters split by ``lora``."""
+    @jax.jit
+    def init(key):
+      base, trainable = split(model.init(key, example)["params"], lora)
+      return jax.tree.map(lambda x: x.astype(base_dtype), base), trainable
+    return init(key)
+
+  if mode == NORMS_ONLY:
+    base, trainable = init_split(model, LoRAConfig(modules_to_save=NORMS))
     optimizer = METHODS["full"].optimizer(LEARNING_RATE, clip_norm=None)
     return Setup(method, model, base, trainable, optimizer, None, config, None)
   if not method.adapters:
@@ -198,15 +201,7 @@ def build(scale: str, mode: str, remat: str, base_dtype, scan_unroll: int = 0) -
   else:
     lora = method.lora_config(lora, dynamic)
   lora_model = inject(model, lora)
-
-  @jax.jit
-  def init(key):
-    params = lora_model.init(key, example)["params"]
-    base, trainable = split(params, lora)
-    base = jax.tree.map(lambda x: x.astype(base_dtype), base)
-    return base, trainable
-
-  base, trainable = init(key)
+  base, trainable = init_split(lora_model, lora)
   if not lora.gated:
     trainable = perturb_lora_b(trainable, jax.random.key(1))
   optimizer = method.optimizer(LEARNING_RATE, scale=lora.scales(trainable), clip_norm=None,

@@ -13,8 +13,9 @@ from lorapro_jax.inject import init_adapters, inject
 from lorapro_jax.lora import LoRAConfig
 from lorapro_jax.lora_pro import LoRAProFullState
 from lorapro_jax.sharding import (ALL_GATHER_COMBINE_BYTES, DATA, FSDP, batch_sharding,
-                                  check_hosts_can_feed, compiler_options, fsdp_spec, initialize_distributed, make_mesh,
-                                  param_shardings, shard_batch, state_shardings, train_shardings)
+                                  check_hosts_can_feed, compiler_options, fsdp_spec,
+                                  initialize_distributed, make_mesh, param_shardings, shard_batch,
+                                  state_shardings, train_shardings)
 from lorapro_jax.methods import METHODS
 from lorapro_jax.train import TrainState, make_train_step
 
