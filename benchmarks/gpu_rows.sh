@@ -15,7 +15,9 @@
 #            (its GEMM autotuning takes most of the call);
 #   floor    the LoRA step against the same step without adapters (jax_step.py's norms_only) at
 #            1b and base, and a per-op profile of both at 1b: what the adapters cost, and what
-#            the rest of the step costs with XLA's kernels.
+#            the rest of the step costs with XLA's kernels;
+#   copies   DecoderConfig.copy_layer_weights as shipped (on) against off (--no-layer-weight-copies):
+#            the LoRA step at 1b and 7B, and the no-adapter floor at 1b with the copies.
 # With two GPUs a table's two lanes (ours on GPU 0, the peers on GPU 1) run at the same time, so
 # the ratios come from one call; with one they run one after the other. XLA_OPTIONS (default
 # none) goes to our rows' XLA_FLAGS; SCAN_UNROLL (default 0: unrolled) to jax_step.py.
@@ -166,7 +168,13 @@ for section in ${*:-table}; do
         row 0 "profile_${SCALE:-1b}_$mode" 200 "$XLA_OPTIONS" profile_step.py --scale "${SCALE:-1b}" \
           --mode $mode --top 60
       done ;;
-    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options, max_autotune, floor)" >&2; exit 2 ;;
+    copies)
+      ours copies_1b_lora 200 --scale 1b --mode lora
+      ours no_copies_1b_lora 200 --scale 1b --mode lora --no-layer-weight-copies
+      ours copies_1b_norms_only 200 --scale 1b --mode norms_only
+      ours copies_7b_lora 200 --scale 7b --mode lora --steps 5
+      ours no_copies_7b_lora 240 --scale 7b --mode lora --steps 5 --no-layer-weight-copies ;;
+    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options, max_autotune, floor, copies)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT"/rows/*/results.jsonl > "$OUT/results.jsonl" 2>/dev/null

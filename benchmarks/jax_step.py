@@ -166,9 +166,11 @@ def perturb_lora_b(trainable, key):
   return map_adapters(node, trainable)
 
 
-def build(scale: str, mode: str, remat: str, base_dtype, scan_unroll: int = 0) -> Setup:
+def build(scale: str, mode: str, remat: str, base_dtype, scan_unroll: int = 0,
+          copy_layer_weights: bool = True) -> Setup:
   shape = common.model_shape(scale)
-  config = DecoderConfig(**shape, remat=remat, scan_unroll=scan_unroll or None)
+  config = DecoderConfig(**shape, remat=remat, scan_unroll=scan_unroll or None,
+                         copy_layer_weights=copy_layer_weights)
   model = DecoderForCausalLM(config)
   batch, seq_len = common.SCALES[scale]["batch"], common.SCALES[scale]["seq_len"]
   example = jnp.zeros((batch, seq_len), jnp.int32)
@@ -219,6 +221,9 @@ def main(argv=None):
   parser.add_argument("--remat", default="none")
   parser.add_argument("--scan-unroll", type=int, default=0,
                       help="layers per iteration of the layer scan; 0 (default): all (unrolled)")
+  parser.add_argument("--no-layer-weight-copies", dest="copy_layer_weights", action="store_false",
+                      help="DecoderConfig.copy_layer_weights=False: each unrolled layer's GEMMs "
+                           "fuse their own weight slice (longer compile, less memory)")
   parser.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"))
   parser.add_argument("--breakdown", action="store_true")
   parser.add_argument("--out", default=None)
@@ -238,7 +243,8 @@ def main(argv=None):
   _, processes = initialize_distributed()
   if processes > 1 and not args.fsdp:
     parser.error(f"{processes} processes train one mesh: give --fsdp (1 for data parallel)")
-  setup = build(args.scale, args.mode, args.remat, jnp.dtype(args.base_dtype), args.scan_unroll)
+  setup = build(args.scale, args.mode, args.remat, jnp.dtype(args.base_dtype), args.scan_unroll,
+                args.copy_layer_weights)
   model, optimizer, config = setup.model, setup.optimizer, setup.config
   batch, seq_len = common.SCALES[args.scale]["batch"], common.SCALES[args.scale]["seq_len"]
   devices = jax.device_count() if args.fsdp else 1
@@ -350,7 +356,8 @@ def main(argv=None):
       times, scale=args.scale, train_base=not setup.method.adapters,
       device_name=getattr(device, "device_kind", str(device)),
       peak_bytes=stats.get("peak_bytes_in_use"), framework="jax", mode=args.mode,
-      remat=args.remat, scan_unroll=config.scan_unroll, xla_flags=os.environ.get("XLA_FLAGS", ""),
+      remat=args.remat, scan_unroll=config.scan_unroll,
+      copy_layer_weights=config.copy_layer_weights, xla_flags=os.environ.get("XLA_FLAGS", ""),
       base_dtype=args.base_dtype if setup.method.adapters else "float32",
       rank=setup.rank, trainable_params=trainable_count,
       opt_state_gib=opt_bytes / 2**30, losses=losses, first_step_s=first_step_s, setup_s=setup_s,
