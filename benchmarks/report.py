@@ -31,10 +31,12 @@ def fmt(value, spec):
 
 def label(row: dict) -> str:
   """The mode as the table shows it: the method name plus how it ran, when not the default
-  (layer loop scanned, torch.compile, a device mesh, XLA options)."""
+  (layer loop scanned, no layer weight copies, torch.compile, a device mesh, XLA options)."""
   notes = []
   if row.get("scan_unroll") == 1:  # JAX rows run with the layer loop scanned, not unrolled
     notes.append("scanned")
+  if row.get("copy_layer_weights") is False:  # DecoderConfig's default is on
+    notes.append("no layer weight copies")
   compile_mode = row.get("compile")
   if compile_mode not in (None, "none"):
     backend = row.get("compile_backend")

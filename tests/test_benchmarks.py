@@ -160,7 +160,8 @@ def test_report_names_compiled_peers_and_shows_startup_columns():
           _row("jax", "lora", 100.0, first_step_s=250.0, compile_s=201.37),
           _row("jax", "full", 120.0),  # an older result without the start-up fields
           _row("jax", "lora_pro", 101.0, first_step_s=60.0, compile_s=0.5,
-               compile_cache_hit=True)]
+               compile_cache_hit=True),
+          _row("jax", "lora", 102.0, copy_layer_weights=False)]  # a variant, not "our LoRA"
   lines = report.table(rows).splitlines()
   header = next(line for line in lines if line.startswith("| framework"))
   assert header.endswith("| first step s | XLA compile s |")
@@ -168,7 +169,7 @@ def test_report_names_compiled_peers_and_shows_startup_columns():
           line.startswith("| torch")]
   by_label = {cells[1]: cells for cells in body}
   assert [cells[1] for cells in body] == [
-      "full", "lora", "lora_pro", "full (torch.compile max-autotune-no-cudagraphs)", "lora",
+      "full", "lora", "lora (no layer weight copies)", "lora_pro", "full (torch.compile max-autotune-no-cudagraphs)", "lora",
       "lora (torch.compile default)"]
   compiled = by_label["lora (torch.compile default)"]
   assert compiled[0] == "| torch"
@@ -180,3 +181,4 @@ def test_report_names_compiled_peers_and_shows_startup_columns():
   jax_full = next(cells for cells in body if cells[0] == "| jax" and cells[1] == "full")
   assert jax_full[-2:] == ["—", "— |"]
   assert by_label["lora_pro"][-2:] == ["60.0 (warm cache)", "0.5 (warm cache) |"]
+  assert by_label["lora (no layer weight copies)"][7] == f"{102.0 / 100.0:.3f}"

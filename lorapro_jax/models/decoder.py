@@ -155,14 +155,14 @@ class DecoderConfig:
   otherwise. ``scan_unroll``: layers per iteration of the layer loop; ``None`` (the default)
   unrolls it, ``num_layers`` per iteration: no per-iteration slicing of the stacked weights and
   saved activations, parameters still stacked (1B LoRA step on an H200: 87.9 ms unrolled against
-  101.8 rolled; its XLA compile 14 s with the copies below, against 8). ``1`` keeps the loop
+  101.8 rolled; its XLA compile 15-17 s with the copies below, against 8). ``1`` keeps the loop
   rolled (one layer compiled).
   ``copy_layer_weights`` (with the loop unrolled, when training or scoring: no cache): each
   layer reads its weights through an optimization barrier, i.e. from a copy of its slice of the
   stacked weights. Without it XLA fuses every layer's own slice into that layer's GEMM kernels, so
   it autotunes and compiles each kernel once per layer; with it the layers share their kernels
-  (1B LoRA step on an H200: XLA compile 38.7 -> 13.9 s, first step 48.7 -> 27.9 s, step 87.7 ->
-  86.7 ms; 7B: compile 94 -> 21 s, step 217.5 -> 215.6 ms). The copies raise peak memory (1B:
+  (1B LoRA step on an H200: XLA compile 49.1 -> 16.9 s, first step 60.7 -> 32.6 s, step 88.9 ->
+  88.3 ms; 7B: compile 71.5 -> 19.5 s, step 219.9 -> 219.0 ms). The copies raise peak memory (1B:
   15.7 -> 17.3 GiB; 7B at 4 x 1024: 36.8 -> 44.4 GiB): ``False`` trades the compile time back for
   that memory. Not used when a mesh splits the weights (an ``fsdp`` axis > 1: not measured there).
   """
