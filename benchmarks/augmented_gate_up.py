@@ -10,7 +10,9 @@ of ``dy`` for ``dy Bᵀ`` (which the transposed GEMM ``dy [Wᵀ | Bᵀ]`` now yi
 outputs are 2.75x wider than their input, gain by that count (about 1.9 ms a step at 1b); the
 other projections use the library's form.
 
-Usage: python benchmarks/augmented_gate_up.py <jax_step.py arguments>   (LoRA modes only)
+Usage: [AUGMENTED_PAD=64] python benchmarks/augmented_gate_up.py <jax_step.py arguments>
+(LoRA modes only). ``AUGMENTED_PAD``: pad the contraction ``n_in + r`` with zeros up to a
+multiple of this (the GEMM kernels' K tile), so that no kernel runs a partial K tile.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from lorapro_jax.adapters import DEFAULT_KEYS  # noqa: E402
 
 inject = importlib.import_module("lorapro_jax.inject")  # the module (the package exports the function)
 AUGMENTED = ("gate_proj", "up_proj")
+PAD = int(os.environ.get("AUGMENTED_PAD", "1"))
 library_add_adapter = inject.add_adapter
 
 
@@ -43,6 +46,9 @@ def augmented_add_adapter(module, x, y, layout, config, precision=None):
   b = module.get_variable("params", DEFAULT_KEYS.b).astype(compute)
   x = x.astype(compute)
   u = config.scale_for(path) * jnp.matmul(x, a, precision=precision)
+  extra = -(x.shape[-1] + u.shape[-1]) % PAD  # zero columns of u, zero rows of B
+  u = jnp.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, extra)])
+  b = jnp.pad(b, [(0, extra), (0, 0)])
   return jnp.matmul(jnp.concatenate([x, u], axis=-1), jnp.concatenate([kernel, b], axis=0),
                     precision=precision)
 
