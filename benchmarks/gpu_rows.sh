@@ -17,10 +17,7 @@
 #            1b and base, and a per-op profile of both at 1b: what the adapters cost, and what
 #            the rest of the step costs with XLA's kernels;
 #   copies   DecoderConfig.copy_layer_weights as shipped (on) against off (--no-layer-weight-copies):
-#            the LoRA step at 1b and 7B, and the no-adapter floor at 1b with the copies;
-#   augmented  the LoRA step with gate/up computed as [x | s x A] @ [W ; B] (augmented_gate_up.py)
-#            against the library's, in the order library, augmented, augmented, library at 1b,
-#            then padded to K % 64 == 0 (AUGMENTED_PAD=64) at 1b, then both at 7B.
+#            the LoRA step at 1b and 7B, and the no-adapter floor at 1b with the copies.
 # With two GPUs a table's two lanes (ours on GPU 0, the peers on GPU 1) run at the same time, so
 # the ratios come from one call; with one they run one after the other. XLA_OPTIONS (default
 # none) goes to our rows' XLA_FLAGS; SCAN_UNROLL (default 0: unrolled) to jax_step.py.
@@ -177,16 +174,7 @@ for section in ${*:-table}; do
       ours copies_1b_norms_only 200 --scale 1b --mode norms_only
       ours copies_7b_lora 200 --scale 7b --mode lora --steps 5
       ours no_copies_7b_lora 240 --scale 7b --mode lora --steps 5 --no-layer-weight-copies ;;
-    augmented)
-      for tag in library_1 augmented_1 augmented_2 library_2; do
-        script=$([ "${tag%_*}" = augmented ] && echo augmented_gate_up.py || echo jax_step.py)
-        row 0 "${tag}_1b_lora" 200 "$XLA_OPTIONS" "$script" --scale 1b --mode lora
-      done
-      AUGMENTED_PAD=64 row 0 augmented_pad64_1b_lora 200 "$XLA_OPTIONS" augmented_gate_up.py \
-        --scale 1b --mode lora
-      row 0 library_7b_lora 200 "$XLA_OPTIONS" jax_step.py --scale 7b --mode lora --steps 5
-      row 0 augmented_7b_lora 200 "$XLA_OPTIONS" augmented_gate_up.py --scale 7b --mode lora --steps 5 ;;
-    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options, max_autotune, floor, copies, augmented)" >&2; exit 2 ;;
+    *) echo "unknown section $section (expected table, table7b, scaling, scaling_lora, options, max_autotune, floor, copies)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT"/rows/*/results.jsonl > "$OUT/results.jsonl" 2>/dev/null
