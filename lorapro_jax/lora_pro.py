@@ -232,22 +232,11 @@ def _apply(factors: _Factors, grad_a, grad_b, coefficients: _Coefficients):
   return new_a, new_b
 
 
-# Largest contraction 2r of g_eq formed as multiply-adds (see _equivalent).
-_MULTIPLY_ADD_MAX_CONTRACTION = 32
-
-
 def _equivalent(factors: _Factors, grad_a, grad_b) -> jax.Array:
-  """``s·(gA·B + A·gB)`` as ONE product of contraction 2r, ``(s·[gA, A])·[B; gB]``; up to
-  ``_MULTIPLY_ADD_MAX_CONTRACTION`` as 2r multiply-adds of a column by a row, an elementwise
-  expression for XLA to fuse into the full-rank moments' update."""
+  """``s·(gA·B + A·gB)`` as ONE product ``(s·[gA, A])·[B; gB]``: the kernel-sized result is written
+  once (the scale is applied to an n x 2r operand, not to the kernel)."""
   left = factors.scale * jnp.concatenate([grad_a, factors.a], axis=-1)
-  right = jnp.concatenate([factors.b, grad_b], axis=-2)
-  if left.shape[-1] > _MULTIPLY_ADD_MAX_CONTRACTION:
-    return left @ right
-  total = left[..., :, :1] * right[..., :1, :]
-  for k in range(1, left.shape[-1]):
-    total = total + left[..., :, k:k + 1] * right[..., k:k + 1, :]
-  return total
+  return left @ jnp.concatenate([factors.b, grad_b], axis=-2)
 
 
 def _statistics(factors, grads):
