@@ -169,8 +169,8 @@ def test_report_names_compiled_peers_and_shows_startup_columns():
           line.startswith("| torch")]
   by_label = {cells[1]: cells for cells in body}
   assert [cells[1] for cells in body] == [
-      "full", "lora", "lora (no layer weight copies)", "lora_pro", "full (torch.compile max-autotune-no-cudagraphs)", "lora",
-      "lora (torch.compile default)"]
+      "full", "lora", "lora (no layer weight copies)", "lora_pro",
+      "full (torch.compile max-autotune-no-cudagraphs)", "lora", "lora (torch.compile default)"]
   compiled = by_label["lora (torch.compile default)"]
   assert compiled[0] == "| torch"
   assert compiled[-2:] == ["95.3", "— |"]  # first step; no XLA compile for torch
