@@ -141,12 +141,12 @@ class FinetuneConfig:
                       choices=list(REMAT_POLICIES))
   scan_layers: bool = _field(False, "keep the layer loop rolled (one layer compiled): shorter "
                              "compile, slower steps; by default it is unrolled (1B LoRA on an "
-                             "H200: 87 vs 102 ms a step; its XLA compile 14 s unrolled)")
+                             "H200: 88 vs 102 ms a step; its XLA compile 15-17 s unrolled)")
   no_layer_weight_copies: bool = _field(
       False, "with the loop unrolled, let each layer's kernels read its slice of the stacked "
       "weights in place instead of a copy (DecoderConfig.copy_layer_weights=False): less peak "
       "memory, but XLA then compiles the kernels once per layer (7B LoRA on an H200: 36.8 vs "
-      "44.4 GiB, compile 94 vs 21 s)")
+      "44.4 GiB, compile 72 vs 20 s)")
   mesh: tuple[int, int] | None = _field(None, "data,fsdp device mesh, e.g. 1,8 (default: one "
                                         "device)", parse=_optional(_int_tuple))
   dem_weight: float = _field(0.0, "dynamic rank's DEM penalty weight")
